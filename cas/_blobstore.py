@@ -1,0 +1,380 @@
+"""The blob store: immutable files named by the blake3 digest of their bytes.
+
+Layout: `<root>/blobs/<first two hex>/<digest>` for blobs and `<root>/tmp/` for
+writes in flight. A blob becomes visible under its name only by an atomic rename
+of a fully written and fsync'd temp file, so a crash leaves either nothing or a
+complete blob. The price is one fsync per blob plus one per touched directory;
+callers that write many blobs batch the directory fsyncs with `sync_dirs`.
+Presence is judged by size, never by the mere existence of a file, so a
+truncated blob is rewritten rather than trusted.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from cas._digest import check_digest, hash_bytes, new_hasher
+from cas._errors import BlobStoreIOError, CorruptBlobError, MissingBlobError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 8 << 20
+_BLOB_MODE = 0o444
+
+Hook = Callable[[str, str], None]
+"""Called as `hook(step, digest)` at each step of a blob write (fault injection)."""
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    """One blob on disk: its digest, size in bytes and modification time."""
+
+    digest: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class PutResult:
+    """What `BlobStore.put` did: the blob's digest and size, and if it wrote it."""
+
+    digest: str
+    size: int
+    written: bool
+
+
+class BlobStore:
+    """A content-addressed store of immutable blobs under one directory.
+
+    Args:
+        root: the store directory; `blobs/` and `tmp/` are created on first write.
+        hook: optional callback run at each step of a write, for fault injection.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, hook: Hook | None = None):
+        self.root = Path(root)
+        self.blobs_dir = self.root / "blobs"
+        self.tmp_dir = self.root / "tmp"
+        self.hook = hook
+
+    def path_of(self, digest: str) -> Path:
+        """The file a blob lives in (whether or not it exists)."""
+        check_digest(digest)
+        return self.blobs_dir / digest[:2] / digest
+
+
+    def has_blob(
+        self, digest: str, *, size: int | None = None, verify: bool = False
+    ) -> bool:
+        """True if the blob is present with the expected size (and hash if asked).
+
+        A file of the wrong size, or one that fails verification, counts as absent.
+        """
+        path = self.path_of(digest)
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        if size is not None and st.st_size != size:
+            return False
+        if verify:
+            try:
+                self.verify(digest)
+            except CorruptBlobError:
+                return False
+        return True
+
+    def size_of(self, digest: str) -> int:
+        """The size of a blob in bytes; MissingBlobError if absent."""
+        path = self.path_of(digest)
+        try:
+            return path.stat().st_size
+        except FileNotFoundError:
+            raise MissingBlobError(digest, path) from None
+
+
+    def put(
+        self,
+        data: bytes | bytearray | memoryview,
+        *,
+        digest: str | None = None,
+        sync_dir: bool = True,
+    ) -> PutResult:
+        """Store bytes durably and return their digest.
+
+        `data` may be any bytes-like object (a tensor's memory through numpy is
+        read in place, never copied). A caller that already hashed the bytes
+        passes `digest` to skip a second hash. A blob already present with the
+        right size is not written again. With `sync_dir=False` the caller must
+        call `sync_dirs` before relying on the blob surviving a crash.
+
+        Raises:
+            BlobStoreIOError: the OS refused a write, fsync or rename (ENOSPC,
+                EROFS, ...); no file is left under the blob's name.
+        """
+        view = memoryview(data).cast("B")
+        if digest is None:
+            digest = hash_bytes(view)
+        else:
+            check_digest(digest)
+        size = view.nbytes
+        if self.has_blob(digest, size=size):
+            log.debug("blob %s already present (%d bytes)", digest, size)
+            return PutResult(digest, size, written=False)
+        self._write(digest, view, sync_dir=sync_dir)
+        log.debug("blob %s written (%d bytes)", digest, size)
+        return PutResult(digest, size, written=True)
+
+    def _write(self, digest: str, view: memoryview, *, sync_dir: bool) -> None:
+        final = self.path_of(digest)
+        self._make_dirs(final.parent)
+        tmp = self.tmp_dir / (
+            f"{digest[:16]}.{socket.gethostname()}.{os.getpid()}."
+            f"{secrets.token_hex(4)}.tmp"
+        )
+        step = "create temp file"
+        fd = -1
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # The lock tells a concurrent sweep that this temp file is in flight;
+            # it dies with the process, so a crashed writer's leftovers are fair game.
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._step("tmp_open", digest)
+
+            # 1. Write every byte straight from the caller's memory.
+            step = "write"
+            written = 0
+            while written < view.nbytes:
+                written += os.write(fd, view[written : written + (1 << 30)])
+                self._step("write", digest)
+
+            # 2. Make the bytes durable before the name can point at them.
+            step = "fsync"
+            os.fchmod(fd, _BLOB_MODE)
+            os.fsync(fd)
+            self._step("fsync", digest)
+
+            # 3. Publish atomically; this replaces a truncated or damaged copy.
+            step = "rename"
+            os.replace(tmp, final)
+            self._step("rename", digest)
+        except OSError as exc:
+            _unlink_quietly(tmp)
+            raise BlobStoreIOError(step, tmp, exc) from exc
+        except BaseException:
+            _unlink_quietly(tmp)
+            raise
+        finally:
+            if fd >= 0:
+                os.close(fd)
+
+        # 4. Make the rename itself durable.
+        if sync_dir:
+            self.sync_dirs([digest])
+
+    def sync_dirs(self, digests: Iterable[str]) -> None:
+        """fsync the shard directories of these blobs (once per directory)."""
+        for shard in sorted({self.path_of(d).parent for d in digests}):
+            try:
+                _fsync_dir(shard)
+            except OSError as exc:
+                raise BlobStoreIOError("fsync directory", shard, exc) from exc
+            self._step("dir_fsync", shard.name)
+
+    def _make_dirs(self, shard: Path) -> None:
+        try:
+            for parent in (self.root, self.blobs_dir, self.tmp_dir):
+                if not parent.is_dir():
+                    parent.mkdir(exist_ok=True)
+                    _fsync_dir(parent.parent)
+            if not shard.is_dir():
+                shard.mkdir(exist_ok=True)
+                _fsync_dir(self.blobs_dir)
+        except OSError as exc:
+            raise BlobStoreIOError("create directory", shard, exc) from exc
+
+    def _step(self, step: str, digest: str) -> None:
+        if self.hook is not None:
+            self.hook(step, digest)
+
+
+    def get(self, digest: str, *, verify: bool = True) -> bytearray:
+        """The bytes of a blob, hash-checked unless `verify=False`."""
+        buffer = bytearray(self.size_of(digest))
+        self.read_into(digest, buffer, verify=verify)
+        return buffer
+
+    def read_into(
+        self,
+        digest: str,
+        out: bytearray | memoryview,
+        *,
+        verify: bool = True,
+    ) -> None:
+        """Fill `out` (exactly the blob's size) with its bytes, hashing as it reads.
+
+        Each chunk is hashed right after it lands, while it is still in cache,
+        so the bytes are touched once.
+
+        Raises:
+            MissingBlobError: no such blob.
+            CorruptBlobError: wrong size, or the bytes do not hash to `digest`.
+        """
+        view = memoryview(out).cast("B")
+        path = self.path_of(digest)
+        try:
+            f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise MissingBlobError(digest, path) from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            if size != view.nbytes:
+                raise CorruptBlobError(
+                    digest, path, f"size {size} bytes, expected {view.nbytes}"
+                )
+            hasher = new_hasher(0)
+            pos = 0
+            while pos < size:
+                n = f.readinto(view[pos : pos + _CHUNK])
+                if not n:
+                    raise CorruptBlobError(digest, path, f"ends at byte {pos}")
+                if verify:
+                    hasher.update(view[pos : pos + n])
+                pos += n
+        if verify and hasher.hexdigest() != digest:
+            raise CorruptBlobError(digest, path, "hash mismatch")
+
+    def stream(self, digest: str, *, chunk_size: int = _CHUNK) -> Iterator[bytes]:
+        """Yield a blob in chunks; the last step raises CorruptBlobError on a
+        hash mismatch, so a consumer must read to the end before trusting it."""
+        path = self.path_of(digest)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError:
+            raise MissingBlobError(digest, path) from None
+        with f:
+            hasher = new_hasher(0)
+            while chunk := f.read(chunk_size):
+                hasher.update(chunk)
+                yield chunk
+        if hasher.hexdigest() != digest:
+            raise CorruptBlobError(digest, path, "hash mismatch")
+
+    def verify(self, digest: str) -> None:
+        """Raise MissingBlobError or CorruptBlobError unless the blob is sound."""
+        for _ in self.stream(digest):
+            pass
+
+
+    def iter_blobs(self) -> Iterator[BlobInfo]:
+        """Every blob file on disk, in no particular order.
+
+        Files whose names are not digests (strays) are skipped.
+        """
+        if not self.blobs_dir.is_dir():
+            return
+        with os.scandir(self.blobs_dir) as shards:
+            for shard in shards:
+                if not shard.is_dir(follow_symlinks=False) or len(shard.name) != 2:
+                    continue
+                with os.scandir(shard.path) as entries:
+                    for entry in entries:
+                        name = entry.name
+                        if len(name) != 64 or not name.startswith(shard.name):
+                            continue
+                        try:
+                            check_digest(name)
+                            st = entry.stat(follow_symlinks=False)
+                        except (ValueError, FileNotFoundError):
+                            continue
+                        yield BlobInfo(name, st.st_size, st.st_mtime)
+
+    def verify_all(
+        self, progress: Callable[[int, int], None] | None = None
+    ) -> list[CorruptBlobError]:
+        """Hash-check every blob; return the problems found.
+
+        `progress(done, total)` is called after each blob.
+        """
+        blobs = list(self.iter_blobs())
+        problems: list[CorruptBlobError] = []
+        for i, info in enumerate(blobs, 1):
+            try:
+                self.verify(info.digest)
+            except CorruptBlobError as exc:
+                problems.append(exc)
+            except MissingBlobError:
+                pass  # removed between listing and reading: nothing to judge
+            if progress is not None:
+                progress(i, len(blobs))
+        return problems
+
+    def delete(self, digest: str) -> int:
+        """Remove a blob; return the bytes freed (0 if it was absent)."""
+        path = self.path_of(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
+
+    def sweep_tmp(self, *, older_than: float = 0.0) -> tuple[int, int]:
+        """Remove temp files left by dead writers; return (files, bytes).
+
+        A file whose writer is alive holds a lock on it and is kept, whatever
+        its age. `older_than` (seconds) spares files that are too young.
+        """
+        if not self.tmp_dir.is_dir():
+            return 0, 0
+        now = time.time()
+        count = freed = 0
+        for entry in os.scandir(self.tmp_dir):
+            try:
+                fd = os.open(entry.path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a live writer holds it
+                st = os.fstat(fd)
+                if now - st.st_mtime < older_than:
+                    continue
+                os.unlink(entry.path)
+                count += 1
+                freed += st.st_size
+            except FileNotFoundError:
+                continue
+            finally:
+                os.close(fd)
+        return count, freed
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        # Some filesystems cannot fsync a directory; the rename is still atomic.
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return

@@ -1,0 +1,59 @@
+"""The exception tree of the blob store.
+
+    CasError
+     +-- MissingBlobError (also KeyError)
+     +-- CorruptBlobError
+     +-- BlobStoreIOError (also OSError): a write or rename the OS refused
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class CasError(Exception):
+    """Root of every error raised by `cas`."""
+
+
+class MissingBlobError(CasError, KeyError):
+    """No blob with this digest is in the store."""
+
+    def __init__(self, digest: str, path: Path) -> None:
+        self.digest = digest
+        self.path = path
+        super().__init__(digest)
+
+    def __str__(self) -> str:
+        return (
+            f"blob {self.digest} is missing (expected at {self.path}): "
+            "run `ckpt verify` to list what references it"
+        )
+
+
+class CorruptBlobError(CasError):
+    """A blob's bytes do not hash to its name, or its size is wrong."""
+
+    def __init__(self, digest: str, path: Path, reason: str) -> None:
+        self.digest = digest
+        self.path = path
+        self.reason = reason
+        super().__init__(
+            f"blob {digest} is corrupt ({reason}) at {path}: run `ckpt verify` "
+            "to list what references it"
+        )
+
+
+class BlobStoreIOError(CasError, OSError):
+    """The operating system refused a write (full disk, read-only store, ...)."""
+
+    def __init__(self, action: str, path: Path, cause: OSError) -> None:
+        self.action = action
+        self.path = path
+        super().__init__(
+            cause.errno,
+            f"could not {action} {path}: {cause.strerror or cause}; "
+            "nothing was committed, free space or fix permissions and retry",
+        )
+
+    def __str__(self) -> str:
+        return str(self.args[1])
