@@ -71,7 +71,6 @@ class BlobStore:
         check_digest(digest)
         return self.blobs_dir / digest[:2] / digest
 
-
     def has_blob(
         self, digest: str, *, size: int | None = None, verify: bool = False
     ) -> bool:
@@ -100,7 +99,6 @@ class BlobStore:
             return path.stat().st_size
         except FileNotFoundError:
             raise MissingBlobError(digest, path) from None
-
 
     def put(
         self,
@@ -144,10 +142,7 @@ class BlobStore:
         step = "create temp file"
         fd = -1
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            # The lock tells a concurrent sweep that this temp file is in flight;
-            # it dies with the process, so a crashed writer's leftovers are fair game.
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fd = self._open_locked_tmp(tmp)
             self._step("tmp_open", digest)
 
             # 1. Write every byte straight from the caller's memory.
@@ -181,14 +176,27 @@ class BlobStore:
         if sync_dir:
             self.sync_dirs([digest])
 
+    def _open_locked_tmp(self, tmp: Path) -> int:
+        # The lock tells a concurrent sweep that this temp file is in flight; it
+        # dies with the process, so a crashed writer's leftovers are fair game.
+        # A sweep may unlink the file between open and lock: then start over.
+        while True:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_nlink > 0:
+                return fd
+            os.close(fd)
+
     def sync_dirs(self, digests: Iterable[str]) -> None:
         """fsync the shard directories of these blobs (once per directory)."""
-        for shard in sorted({self.path_of(d).parent for d in digests}):
+        digests_list = list(digests)
+        for shard in sorted({self.path_of(d).parent for d in digests_list}):
             try:
                 _fsync_dir(shard)
             except OSError as exc:
                 raise BlobStoreIOError("fsync directory", shard, exc) from exc
-            self._step("dir_fsync", shard.name)
+        for digest in digests_list:
+            self._step("dir_fsync", digest)
 
     def _make_dirs(self, shard: Path) -> None:
         try:
@@ -205,7 +213,6 @@ class BlobStore:
     def _step(self, step: str, digest: str) -> None:
         if self.hook is not None:
             self.hook(step, digest)
-
 
     def get(self, digest: str, *, verify: bool = True) -> bytearray:
         """The bytes of a blob, hash-checked unless `verify=False`."""
@@ -274,7 +281,6 @@ class BlobStore:
         for _ in self.stream(digest):
             pass
 
-
     def iter_blobs(self) -> Iterator[BlobInfo]:
         """Every blob file on disk, in no particular order.
 
@@ -338,27 +344,37 @@ class BlobStore:
             return 0, 0
         now = time.time()
         count = freed = 0
-        for entry in os.scandir(self.tmp_dir):
-            try:
-                fd = os.open(entry.path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    continue  # a live writer holds it
-                st = os.fstat(fd)
-                if now - st.st_mtime < older_than:
+        with os.scandir(self.tmp_dir) as entries:
+            for entry in entries:
+                if not entry.is_file(follow_symlinks=False):
                     continue
-                os.unlink(entry.path)
-                count += 1
-                freed += st.st_size
-            except FileNotFoundError:
-                continue
-            finally:
-                os.close(fd)
+                size = self._sweep_one(entry.path, now - older_than)
+                if size is not None:
+                    count += 1
+                    freed += size
         return count, freed
+
+    def _sweep_one(self, path: str, cutoff: float) -> int | None:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None  # a live writer holds it
+            st = os.fstat(fd)
+            if st.st_mtime > cutoff:
+                return None
+            # Unlinked while we hold the lock, so a writer that locks it after
+            # us sees st_nlink == 0 and starts over with a new temp file.
+            os.unlink(path)
+            return st.st_size
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(fd)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -1,9 +1,9 @@
 """The exception tree of the blob store.
 
-    CasError
-     +-- MissingBlobError (also KeyError)
-     +-- CorruptBlobError
-     +-- BlobStoreIOError (also OSError): a write or rename the OS refused
+CasError
+ +-- MissingBlobError (also KeyError)
+ +-- CorruptBlobError
+ +-- BlobStoreIOError (also OSError): a write or rename the OS refused
 """
 
 from __future__ import annotations
@@ -22,6 +22,9 @@ class MissingBlobError(CasError, KeyError):
         self.digest = digest
         self.path = path
         super().__init__(digest)
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path]]:
+        return (type(self), (self.digest, self.path))
 
     def __str__(self) -> str:
         return (
@@ -42,6 +45,9 @@ class CorruptBlobError(CasError):
             "to list what references it"
         )
 
+    def __reduce__(self) -> tuple[type, tuple[str, Path, str]]:
+        return (type(self), (self.digest, self.path, self.reason))
+
 
 class BlobStoreIOError(CasError, OSError):
     """The operating system refused a write (full disk, read-only store, ...)."""
@@ -49,11 +55,15 @@ class BlobStoreIOError(CasError, OSError):
     def __init__(self, action: str, path: Path, cause: OSError) -> None:
         self.action = action
         self.path = path
+        self.cause = cause
         super().__init__(
             cause.errno,
             f"could not {action} {path}: {cause.strerror or cause}; "
             "nothing was committed, free space or fix permissions and retry",
         )
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path, OSError]]:
+        return (type(self), (self.action, self.path, self.cause))
 
     def __str__(self) -> str:
         return str(self.args[1])

@@ -1,0 +1,395 @@
+"""The checkpoint codec: a nested structure to tensor blobs plus a manifest.
+
+Each tensor's bytes become one blob (so unchanged tensors deduplicate across
+saves); the structure, with tensors replaced by references, is one msgpack
+manifest. Decoding never runs pickle: a manifest can only name plain values and
+blobs of raw bytes, so an untrusted store cannot execute code. The cost is that
+only the types listed in `encode` are stored; anything else is refused up front.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import numpy as np
+import torch
+
+from cas import check_digest, hash_bytes
+from ledger._errors import ManifestError, UnsupportedTypeError
+
+FORMAT_VERSION = 1
+
+_EXT_TUPLE = 1
+_EXT_TENSOR = 2
+_EXT_NUMPY = 3
+_EXT_NPSCALAR = 4
+_EXT_ODICT = 5
+
+_INT64_MIN = -(1 << 63)
+_INT64_MAX = (1 << 63) - 1
+_NUMPY_KINDS = frozenset("biufc")
+_MAX_DIMS = 64
+
+_TORCH_DTYPES: dict[str, torch.dtype] = {
+    str(dt): dt
+    for dt in (getattr(torch, name) for name in dir(torch))
+    if isinstance(dt, torch.dtype)
+}
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where a tensor's bytes live and how to rebuild it."""
+
+    kind: str  # "torch" or "numpy"
+    digest: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    tie: int | None = None
+
+
+@dataclass
+class Encoded:
+    """A checkpoint ready to store: the manifest and the tensor bytes it names."""
+
+    manifest: bytes
+    blobs: dict[str, memoryview] = field(default_factory=dict)
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(v.nbytes for v in self.blobs.values())
+
+
+def encode(obj: Any) -> Encoded:
+    """Encode a checkpoint structure; hash every tensor once.
+
+    Stored: dict (str or int keys, order kept; OrderedDict with its
+    `_metadata`), list, tuple, str, int (int64 range), float (bits kept
+    exactly), bool, None, bytes, numpy scalars and numeric arrays, and torch
+    tensors of every dtype. Tensors on any device are copied to the CPU and
+    made contiguous; the bytes of a CPU contiguous tensor are hashed in place.
+    Tensors sharing storage (tied weights) are stored once and tied again on
+    load.
+
+    Raises:
+        UnsupportedTypeError: a value of another type, named by its path
+            (`optimizer.state.3.foo`); nothing has been written anywhere.
+    """
+    encoder = _Encoder()
+    root = encoder.value(obj, "")
+    manifest = msgpack.packb({"format": FORMAT_VERSION, "root": root})
+    return Encoded(manifest=manifest, blobs=encoder.blobs)
+
+
+class _Encoder:
+    def __init__(self) -> None:
+        self.blobs: dict[str, memoryview] = {}
+        self.ties: dict[tuple[Any, ...], int] = {}
+        self.tie_refs: dict[int, list[Any]] = {}
+
+    def value(self, obj: Any, path: str) -> Any:
+        kind = type(obj)
+        if obj is None or kind in (bool, str, bytes, float):
+            return obj
+        if kind is int:
+            if not _INT64_MIN <= obj <= _INT64_MAX:
+                raise UnsupportedTypeError(
+                    path, "int", f"{obj} is outside the int64 range; store it as str"
+                )
+            return obj
+        if kind is dict:
+            return self.mapping(obj, path)
+        if kind is OrderedDict:
+            meta = getattr(obj, "_metadata", None)
+            meta_enc = self.value(meta, _join(path, "_metadata")) if meta else None
+            return msgpack.ExtType(
+                _EXT_ODICT, _pack([self.mapping(obj, path), meta_enc])
+            )
+        if kind is list:
+            return [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
+        if kind is tuple:
+            items = [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
+            return msgpack.ExtType(_EXT_TUPLE, _pack(items))
+        if isinstance(obj, torch.Tensor):
+            return self.tensor(obj, path)
+        if kind is np.ndarray:
+            return self.ndarray(obj, path)
+        if isinstance(obj, np.generic) and obj.dtype.kind in _NUMPY_KINDS:
+            return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
+        raise UnsupportedTypeError(path, _type_name(obj))
+
+    def mapping(self, obj: dict[Any, Any], path: str) -> dict[Any, Any]:
+        out = {}
+        for key, val in obj.items():
+            if type(key) not in (str, int):
+                raise UnsupportedTypeError(
+                    _join(path, repr(key)),
+                    f"dict key of type {_type_name(key)}",
+                    "dict keys must be str or int",
+                )
+            out[key] = self.value(val, _join(path, key))
+        return out
+
+    def tensor(self, t: torch.Tensor, path: str) -> msgpack.ExtType:
+        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+            raise UnsupportedTypeError(
+                path,
+                f"tensor with layout {t.layout}",
+                "convert it to a dense tensor (.to_dense()) first",
+            )
+        if t.device.type == "meta":
+            raise UnsupportedTypeError(path, "meta tensor", "a meta tensor has no data")
+        tie_key = _tie_key(t)
+        tie = self.ties.get(tie_key)
+        if tie is None:
+            tie = len(self.ties)
+            self.ties[tie_key] = tie
+        flat = t.detach().resolve_conj().resolve_neg().cpu().contiguous()
+        data = _byte_view(flat)
+        digest = hash_bytes(data)
+        self.blobs.setdefault(digest, data)
+        ref = [
+            "torch",
+            digest,
+            str(t.dtype),
+            list(t.shape),
+            data.nbytes,
+            tie,
+        ]
+        return msgpack.ExtType(_EXT_TENSOR, _pack(ref))
+
+    def ndarray(self, arr: np.ndarray, path: str) -> msgpack.ExtType:
+        if arr.dtype.kind not in _NUMPY_KINDS or arr.dtype.fields is not None:
+            raise UnsupportedTypeError(
+                path,
+                f"numpy array of dtype {arr.dtype}",
+                "only bool and numeric arrays are stored",
+            )
+        flat = np.ascontiguousarray(arr)
+        data = memoryview(flat.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+        digest = hash_bytes(data)
+        self.blobs.setdefault(digest, data)
+        ref = ["numpy", digest, arr.dtype.str, list(arr.shape), data.nbytes, None]
+        return msgpack.ExtType(_EXT_NUMPY, _pack(ref))
+
+
+def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
+    if t.numel() == 0:
+        return ("empty", id(t))
+    storage = t.untyped_storage()
+    return (
+        t.device,
+        storage.data_ptr(),
+        t.storage_offset(),
+        tuple(t.shape),
+        t.stride(),
+        t.dtype,
+    )
+
+
+def _byte_view(t: torch.Tensor) -> memoryview:
+    flat = t.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    return memoryview(flat.numpy())  # type: ignore[arg-type]
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj)
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _type_name(obj: object) -> str:
+    kind = type(obj)
+    return (
+        kind.__qualname__
+        if kind.__module__ == "builtins"
+        else (f"{kind.__module__}.{kind.__qualname__}")
+    )
+
+
+def decode_manifest(manifest: bytes) -> tuple[Any, list[TensorRef]]:
+    """Parse a manifest into its structure (tensors as TensorRef) and the refs.
+
+    Nothing is allocated for tensors yet, so sizes can be checked first.
+
+    Raises:
+        ManifestError: not a manifest, an unknown format version, or a
+            reference whose dtype, shape and size disagree.
+    """
+    refs: list[TensorRef] = []
+
+    def ext_hook(code: int, data: bytes) -> Any:
+        if code == _EXT_TUPLE:
+            return tuple(_unpack(data, ext_hook))
+        if code in (_EXT_TENSOR, _EXT_NUMPY):
+            ref = _check_ref(_unpack(data, ext_hook), code)
+            refs.append(ref)
+            return ref
+        if code == _EXT_NPSCALAR:
+            return _decode_npscalar(_unpack(data, ext_hook))
+        if code == _EXT_ODICT:
+            items, meta = _unpack(data, ext_hook)
+            out: OrderedDict[Any, Any] = OrderedDict(items)
+            if meta is not None:
+                out._metadata = meta  # type: ignore[attr-defined]
+            return out
+        raise ManifestError(f"manifest holds an unknown extension type {code}")
+
+    try:
+        doc = _unpack(manifest, ext_hook)
+    except ManifestError:
+        raise
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ManifestError(f"malformed manifest: {exc}") from exc
+    if not isinstance(doc, dict) or "format" not in doc or "root" not in doc:
+        raise ManifestError("malformed manifest: no format version or root")
+    if doc["format"] != FORMAT_VERSION:
+        raise ManifestError(
+            f"manifest format {doc['format']!r} is not supported (this version "
+            f"reads format {FORMAT_VERSION}): upgrade ckpt-ledger"
+        )
+    return doc["root"], refs
+
+
+def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
+    return msgpack.unpackb(
+        data, raw=False, strict_map_key=False, ext_hook=ext_hook, use_list=True
+    )
+
+
+def _check_ref(raw: Any, code: int) -> TensorRef:
+    try:
+        kind, digest, dtype, shape, nbytes, tie = raw
+        check_digest(digest)
+        if not isinstance(shape, list) or len(shape) > _MAX_DIMS:
+            raise ValueError("bad shape")
+        if not all(type(d) is int and d >= 0 for d in shape):
+            raise ValueError(f"bad shape {shape!r}")
+        if type(nbytes) is not int or nbytes < 0:
+            raise ValueError(f"bad size {nbytes!r}")
+        if tie is not None and type(tie) is not int:
+            raise ValueError("bad tie")
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(f"malformed tensor reference in manifest: {exc}") from exc
+    if (code == _EXT_TENSOR) != (kind == "torch"):
+        raise ManifestError(f"tensor reference of kind {kind!r} in the wrong place")
+    itemsize = _itemsize(kind, dtype)
+    expected = math.prod(shape) * itemsize
+    if expected != nbytes:
+        raise ManifestError(
+            f"tensor {digest[:12]}: {dtype} of shape {tuple(shape)} needs "
+            f"{expected} bytes but the manifest says {nbytes}"
+        )
+    return TensorRef(kind, digest, dtype, tuple(shape), nbytes, tie)
+
+
+def _itemsize(kind: str, dtype: str) -> int:
+    if kind == "torch":
+        dt = _TORCH_DTYPES.get(dtype)
+        if dt is None:
+            raise ManifestError(
+                f"manifest names tensor dtype {dtype!r}, which this torch lacks"
+            )
+        return dt.itemsize
+    if kind == "numpy":
+        return _numpy_dtype(dtype).itemsize
+    raise ManifestError(f"manifest names an unknown tensor kind {kind!r}")
+
+
+def _numpy_dtype(text: Any) -> np.dtype[Any]:
+    try:
+        dt = np.dtype(text) if isinstance(text, str) else None
+    except TypeError:
+        dt = None
+    if dt is None or dt.kind not in _NUMPY_KINDS or dt.fields is not None:
+        raise ManifestError(f"manifest names a numpy dtype {text!r} that is not stored")
+    return dt
+
+
+def _decode_npscalar(raw: Any) -> Any:
+    try:
+        dtype, data = raw
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(f"malformed numpy scalar in manifest: {exc}") from exc
+    dt = _numpy_dtype(dtype)
+    if not isinstance(data, bytes) or len(data) != dt.itemsize:
+        raise ManifestError("malformed numpy scalar in manifest: wrong size")
+    return np.frombuffer(data, dtype=dt)[0]
+
+
+def build(
+    root: Any,
+    refs: list[TensorRef],
+    read: Callable[[TensorRef], bytearray],
+    map_location: str | torch.device | None = None,
+) -> Any:
+    """Replace every TensorRef in a decoded structure by its tensor or array.
+
+    `read(ref)` returns the verified bytes of a blob. Tensors tied at save time
+    come back as one tensor object.
+    """
+    loaded: dict[tuple[str, int], Any] = {}
+
+    def materialize(ref: TensorRef) -> Any:
+        key = (ref.digest, ref.tie) if ref.tie is not None else (ref.digest, -id(ref))
+        if key in loaded:
+            return loaded[key]
+        buf = read(ref)
+        if ref.kind == "numpy":
+            value: Any = np.frombuffer(buf, dtype=_numpy_dtype(ref.dtype)).reshape(
+                ref.shape
+            )
+        else:
+            dtype = _TORCH_DTYPES[ref.dtype]
+            if ref.nbytes == 0:
+                value = torch.empty(ref.shape, dtype=dtype)
+            else:
+                value = torch.frombuffer(buf, dtype=torch.uint8)
+                value = value.view(dtype).reshape(ref.shape)
+            if map_location is not None:
+                value = value.to(map_location)
+        loaded[key] = value
+        return value
+
+    return _replace(root, materialize)
+
+
+def _replace(node: Any, fn: Callable[[TensorRef], Any]) -> Any:
+    kind = type(node)
+    if kind is TensorRef:
+        return fn(node)
+    if kind is dict:
+        return {k: _replace(v, fn) for k, v in node.items()}
+    if kind is OrderedDict:
+        out = OrderedDict((k, _replace(v, fn)) for k, v in node.items())
+        meta = getattr(node, "_metadata", None)
+        if meta is not None:
+            out._metadata = meta  # type: ignore[attr-defined]
+        return out
+    if kind is list:
+        return [_replace(v, fn) for v in node]
+    if kind is tuple:
+        return tuple(_replace(v, fn) for v in node)
+    return node
+
+
+def iter_refs(root: Any) -> Iterator[TensorRef]:
+    """Every TensorRef in a decoded structure, depth first."""
+    if type(root) is TensorRef:
+        yield root
+    elif isinstance(root, dict):
+        for v in root.values():
+            yield from iter_refs(v)
+    elif isinstance(root, (list, tuple)):
+        for v in root:
+            yield from iter_refs(v)

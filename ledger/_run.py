@@ -1,0 +1,649 @@
+"""A run: saving, loading, resuming and finalising checkpoints through the ledger.
+
+Every change follows the write order that makes crashes harmless: lease the
+digests, write the blobs durably, then one transaction appends the events,
+their digest rows and drops the lease. Each decision (promote, expire) is taken
+inside that transaction from a replay of the ledger, so two processes never
+judge from stale state, and the ledger stays the only source of truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cas import CorruptBlobError, MissingBlobError, hash_bytes
+from ledger._codec import Encoded, build, decode_manifest, encode
+from ledger._dist import agree_on_seq
+from ledger._errors import (
+    ManifestError,
+    MetricError,
+    PolicyError,
+    UnknownReferenceError,
+)
+from ledger._events import Event, event_from_row
+from ledger._policies import BestPolicy, RunOptions, check_metrics
+from ledger._provenance import provenance
+from ledger._replay import RunState, SaveInfo, fold
+
+if TYPE_CHECKING:
+    from ledger._store import Store
+
+log = logging.getLogger(__name__)
+
+RESUME_MODES = ("none", "auto", "last", "best", "final")
+
+
+class MetricWarning(UserWarning):
+    """A save's watched metric is missing or not finite: recorded, never promoted."""
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """`resume("auto")` skipped a save whose blobs are damaged."""
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What a save appended: its event, and the promote and expires it caused."""
+
+    seq: int
+    manifest: str
+    promoted: bool
+    expired: tuple[int, ...] = ()
+    bytes_written: int = 0
+
+
+@dataclass
+class Resumed:
+    """A checkpoint a run resumed from: the save it came from and its contents."""
+
+    seq: int
+    epoch: int | None
+    step: int | None
+    metrics: dict[str, Any]
+    state: Any
+    resume_event: int | None = None
+    config_diff: dict[str, list[Any]] = field(default_factory=dict)
+
+
+class Run:
+    """One training run in a store. Obtain it from `Store.run`."""
+
+    def __init__(
+        self, store: Store, name: str, config: dict[str, Any], config_hash: str
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.config = config
+        self.config_hash = config_hash
+        self.config_diff: dict[str, list[Any]] = {}
+        self._state = RunState(run=name)
+
+    def __repr__(self) -> str:
+        return f"Run({self.name!r}, store={str(self.store.path)!r})"
+
+    @property
+    def options(self) -> RunOptions:
+        """The policies the run was opened with."""
+        return RunOptions.from_record(self.refresh().options)
+
+    def refresh(self) -> RunState:
+        """Fold events appended since the last look into the cached state."""
+        rows = self.store.db.rows(
+            "SELECT * FROM events WHERE run = ? AND seq > ? ORDER BY seq",
+            [self.name, self._state.seq],
+        )
+        if rows:
+            self._state = fold((event_from_row(r) for r in rows), self._state)
+        return self._state
+
+    def state(self, at: int | str | None = None) -> RunState:
+        """The run's state now, or as of event `at` (a sequence number, or an
+        ISO 8601 UTC time such as `2026-12-03T18:00:00Z`)."""
+        if at is None:
+            return fold((), self.refresh())
+        if isinstance(at, bool) or not isinstance(at, (int, str)):
+            raise PolicyError(f"at must be an event number or an ISO time, got {at!r}")
+        param: int | str
+        if isinstance(at, int):
+            sql, param = "seq <= ?", at
+        else:
+            sql, param = "time <= ?", _normalise_time(at)
+        rows = self.store.db.rows(
+            f"SELECT * FROM events WHERE run = ? AND {sql} ORDER BY seq",
+            [self.name, param],
+        )
+        return fold((event_from_row(r) for r in rows), run=self.name)
+
+    def history(self, kind: str | None = None) -> list[Event]:
+        """The run's events in order, optionally of one kind."""
+        return self.store.events(self.name, kind=kind)
+
+    def save(
+        self,
+        checkpoint: Any,
+        *,
+        epoch: int | None = None,
+        step: int | None = None,
+        metrics: Mapping[str, Any] | None = None,
+    ) -> SaveResult | None:
+        """Save a checkpoint structure and record a save event.
+
+        Under the run's best-policy, a strict improvement of the watched metric
+        also appends a promote event; retention may append expire events; all in
+        the same transaction as the save. Under torch.distributed only rank 0
+        writes; every rank returns only after rank 0's commit, and other ranks
+        get None.
+
+        Args:
+            checkpoint: nested dicts/lists/tuples of tensors, arrays and plain
+                values (see `ledger.encode` for the full list).
+            epoch: completed epochs, counted from 1.
+            step: the global step, for runs that save by step.
+            metrics: name to number (int, float, numpy scalar, one-element tensor).
+
+        Raises:
+            MetricError: a metric is not a number, or the watched metric is
+                missing/non-finite and the run refuses such saves.
+            UnsupportedTypeError: the checkpoint holds a type the codec refuses.
+            cas.BlobStoreIOError: the disk refused a write.
+            Nothing is written to the ledger or the store when any is raised.
+        """
+        _check_counter("epoch", epoch)
+        _check_counter("step", step)
+        clean = check_metrics(metrics)
+        options = self.options
+        watched = _watched_value(options.best, clean, epoch, options.on_nonfinite)
+        result: list[SaveResult] = []
+
+        def work() -> int:
+            if options.best is not None and (
+                watched is None or not math.isfinite(watched[1])
+            ):
+                shown = "missing" if watched is None else watched[1]
+                warnings.warn(
+                    f"run {self.name}: epoch {epoch}: watched metric "
+                    f"{options.best.metric!r} is {shown}: saved, but it cannot be "
+                    "promoted",
+                    MetricWarning,
+                    stacklevel=4,
+                )
+            encoded = encode(checkpoint)
+            saved = self._commit_save(encoded, epoch, step, clean, watched, options)
+            result.append(saved)
+            return saved.seq
+
+        agree_on_seq(work, "save a checkpoint")
+        return result[0] if result else None
+
+    def _commit_save(
+        self,
+        encoded: Encoded,
+        epoch: int | None,
+        step: int | None,
+        metrics: dict[str, Any],
+        watched: tuple[str, float] | None,
+        options: RunOptions,
+    ) -> SaveResult:
+        store = self.store
+        manifest_digest = hash_bytes(encoded.manifest)
+        refs = {d: v.nbytes for d, v in encoded.blobs.items()}
+        refs[manifest_digest] = len(encoded.manifest)
+
+        # 1. Lease every digest first, so a concurrent gc keeps a blob that is
+        #    already present (and about to be referenced) as well as new ones.
+        leases = store._lease(refs)
+        store._step("leased", manifest_digest)
+        try:
+            # 2. Write missing blobs durably; the directory fsyncs are batched.
+            written = 0
+            for digest, view in encoded.blobs.items():
+                if store.blobs.put(view, digest=digest, sync_dir=False).written:
+                    written += view.nbytes
+            if store.blobs.put(
+                encoded.manifest, digest=manifest_digest, sync_dir=False
+            ).written:
+                written += len(encoded.manifest)
+            store.blobs.sync_dirs(refs)
+            store._step("blobs_written", manifest_digest)
+
+            # 3. One transaction: the save, its digests, its consequences, and
+            #    the lease release. A crash here is rolled back by SQLite.
+            with store.db.write():
+                state = self.refresh()
+                save = store._append(
+                    self.name,
+                    "save",
+                    epoch=epoch,
+                    step=step,
+                    manifest=manifest_digest,
+                    metric=watched[0] if watched else None,
+                    value=watched[1] if watched and math.isfinite(watched[1]) else None,
+                    body={"metrics": metrics, "bytes_written": written},
+                    refs=refs.items(),
+                )
+                appended = [save]
+                promoted = self._maybe_promote(save, watched, options.best, state)
+                if promoted is not None:
+                    appended.append(promoted)
+                state = fold(appended, state)
+                expired = self._apply_retention(state, options)
+                store._release(leases)
+            store._step("committed", manifest_digest)
+        except BaseException:
+            self._drop_leases(leases)
+            raise
+        log.info(
+            "run %s: saved #%d (epoch %s, %d new bytes)%s",
+            self.name,
+            save.seq,
+            epoch,
+            written,
+            " and promoted it" if promoted else "",
+        )
+        return SaveResult(
+            seq=save.seq,
+            manifest=manifest_digest,
+            promoted=promoted is not None,
+            expired=tuple(expired),
+            bytes_written=written,
+        )
+
+    def _drop_leases(self, leases: list[int]) -> None:
+        # Cleanup after a failed save; if even this fails, the leases lapse by TTL.
+        try:
+            with self.store.db.write():
+                self.store._release(leases)
+        except Exception:  # noqa: BLE001 - the original error is re-raised by the caller
+            log.warning("run %s: could not drop leases after a failed save", self.name)
+
+    def _maybe_promote(
+        self,
+        save: Event,
+        watched: tuple[str, float] | None,
+        best: BestPolicy | None,
+        state: RunState,
+    ) -> Event | None:
+        if best is None or watched is None or not best.is_eligible(save.epoch):
+            return None
+        value = watched[1]
+        if not best.improves(value, state.best_value):
+            return None
+        return self.store._append(
+            self.name,
+            "promote",
+            epoch=save.epoch,
+            step=save.step,
+            metric=best.metric,
+            value=value,
+            target=save.seq,
+            body={
+                "previous": state.best,
+                "previous_value": state.best_value,
+                "mode": best.mode,
+                "tolerance": best.tolerance,
+            },
+        )
+
+    def _apply_retention(self, state: RunState, options: RunOptions) -> list[int]:
+        if options.keep_last is None:
+            return []
+        protected = {state.best, state.final, state.last} | state.resume_targets
+        live = sorted(state.live)
+        keep = set(live[-options.keep_last :])
+        expired = []
+        for seq in live:
+            if seq in keep or seq in protected:
+                continue
+            self.store._append(
+                self.name,
+                "expire",
+                epoch=state.saves[seq].epoch,
+                step=state.saves[seq].step,
+                target=seq,
+                body={"reason": f"retention keep_last={options.keep_last}"},
+            )
+            expired.append(seq)
+        return expired
+
+    def resolve(self, ref: int | str) -> SaveInfo:
+        """The save a reference names: "last", "best", "final", an event number
+        (a promote, final, resume or expire event names its save), or a manifest
+        digest or a prefix of at least 8 hex characters.
+
+        Raises:
+            UnknownReferenceError: nothing matches, or the save was expired.
+        """
+        state = self.refresh()
+        seq: int | None
+        if isinstance(ref, bool):
+            raise UnknownReferenceError(f"invalid checkpoint reference {ref!r}")
+        if ref in ("last", "best", "final"):
+            seq = getattr(state, str(ref))
+            if seq is None:
+                raise UnknownReferenceError(
+                    f"run {self.name!r} has no {ref} checkpoint yet"
+                    + (" (no save has been promoted)" if ref == "best" else "")
+                )
+        elif isinstance(ref, int) or (
+            isinstance(ref, str) and ref.isdigit() and len(ref) < 8
+        ):
+            seq = self._save_of_event(int(ref))
+        elif isinstance(ref, str) and len(ref) >= 8 and _is_hex(ref):
+            matches = [s for s in state.saves.values() if s.manifest.startswith(ref)]
+            if len({m.manifest for m in matches}) > 1:
+                raise UnknownReferenceError(
+                    f"digest prefix {ref!r} is ambiguous in run {self.name!r}: "
+                    "give more characters"
+                )
+            if not matches:
+                raise UnknownReferenceError(
+                    f"no save of run {self.name!r} has a manifest starting {ref!r}"
+                )
+            seq = (
+                max(m.seq for m in matches if m.seq in state.live)
+                if any(m.seq in state.live for m in matches)
+                else matches[-1].seq
+            )
+        else:
+            raise UnknownReferenceError(
+                f"invalid checkpoint reference {ref!r}: use last, best, final, an "
+                "event number or a manifest digest (at least 8 hex characters)"
+            )
+        if seq not in state.live:
+            raise UnknownReferenceError(
+                f"save #{seq} of run {self.name!r} was expired by retention; its "
+                "blobs may have been collected"
+            )
+        return state.saves[seq]
+
+    def _save_of_event(self, seq: int) -> int:
+        try:
+            ev = self.store.event(seq)
+        except UnknownReferenceError:
+            raise UnknownReferenceError(
+                f"no event #{seq} in run {self.name!r}"
+            ) from None
+        if ev.run != self.name:
+            raise UnknownReferenceError(
+                f"event #{seq} belongs to run {ev.run!r}, not {self.name!r}"
+            )
+        if ev.kind == "save":
+            return ev.seq
+        if ev.target is None:
+            raise UnknownReferenceError(f"event #{seq} ({ev.kind}) names no checkpoint")
+        return ev.target
+
+    def load(
+        self,
+        ref: int | str = "last",
+        *,
+        map_location: str | torch.device | None = None,
+    ) -> Any:
+        """Load a checkpoint structure, verifying every blob as it is read.
+
+        Under torch.distributed every rank loads the save rank 0 resolved.
+
+        Raises:
+            UnknownReferenceError: the reference names no live save.
+            cas.CorruptBlobError, cas.MissingBlobError: a damaged store.
+        """
+        seq = agree_on_seq(lambda: self.resolve(ref).seq, f"resolve {ref!r}")
+        assert seq is not None
+        return self.read_save(seq, map_location=map_location)
+
+    def read_save(
+        self, seq: int, *, map_location: str | torch.device | None = None
+    ) -> Any:
+        """Load the checkpoint of save event `seq` (no resolution, no event)."""
+        info = self.refresh().saves.get(seq)
+        if info is None:
+            raise UnknownReferenceError(
+                f"event #{seq} is not a save of run {self.name!r}"
+            )
+        blobs = self.store.blobs
+        manifest = blobs.get(info.manifest)
+        root, refs = decode_manifest(bytes(manifest))
+        for ref in refs:
+            size = blobs.size_of(ref.digest)
+            if size != ref.nbytes:
+                raise CorruptBlobError(
+                    ref.digest,
+                    blobs.path_of(ref.digest),
+                    f"size {size} bytes, the manifest says {ref.nbytes}",
+                )
+
+        def read(ref: Any) -> bytearray:
+            buf = bytearray(ref.nbytes)
+            blobs.read_into(ref.digest, buf)
+            return buf
+
+        return build(root, refs, read, map_location)
+
+    def resume(
+        self,
+        mode: int | str = "auto",
+        *,
+        ref: int | str | None = None,
+        map_location: str | torch.device | None = None,
+        seed: int | None = None,
+    ) -> Resumed | None:
+        """Resume training: resolve a checkpoint, load it, record a resume event.
+
+        Args:
+            mode: "none" (start fresh: returns None), "auto" (`ref` if given,
+                else the newest intact save; None when there is none), "last",
+                "best", "final", or an explicit reference (event number or
+                manifest digest).
+            ref: with "auto", an explicit reference to prefer.
+            map_location: where to put the loaded tensors.
+            seed: recorded in the resume event's provenance.
+
+        Raises:
+            UnknownReferenceError: the mode names no checkpoint.
+            cas.CorruptBlobError, cas.MissingBlobError: the named checkpoint is
+                damaged (with "auto" a damaged save is skipped with a warning).
+        """
+        if mode == "none":
+            return None
+        loaded: list[tuple[SaveInfo, Any]] = []
+        events: list[Event] = []
+
+        def work() -> int | None:
+            if mode == "auto" and ref is None:
+                found = self._newest_intact(map_location)
+                if found is None:
+                    return None
+                loaded.append(found)
+            else:
+                target = self.resolve(
+                    ref if mode == "auto" and ref is not None else mode
+                )
+                loaded.append(
+                    (target, self.read_save(target.seq, map_location=map_location))
+                )
+            info = loaded[0][0]
+            with self.store.db.write():
+                body = {
+                    "config": self.config,
+                    "config_hash": self.config_hash,
+                    "config_diff": self.config_diff,
+                    "mode": str(mode),
+                    "provenance": provenance(seed),
+                }
+                ev = self.store._append(
+                    self.name,
+                    "resume",
+                    epoch=info.epoch,
+                    step=info.step,
+                    target=info.seq,
+                    body=body,
+                )
+            log.info(
+                "run %s resumed from #%d (epoch %s)", self.name, info.seq, info.epoch
+            )
+            events.append(ev)
+            return info.seq
+
+        seq = agree_on_seq(work, f"resume ({mode})")
+        if seq is None:
+            return None
+        if loaded:
+            info, checkpoint = loaded[0]
+            resume_event: int | None = events[0].seq
+        else:
+            info = self.refresh().saves[seq]
+            checkpoint = self.read_save(seq, map_location=map_location)
+            resume_event = None
+        return Resumed(
+            seq=info.seq,
+            epoch=info.epoch,
+            step=info.step,
+            metrics=dict(info.metrics),
+            state=checkpoint,
+            resume_event=resume_event,
+            config_diff=dict(self.config_diff),
+        )
+
+    def _newest_intact(
+        self, map_location: str | torch.device | None
+    ) -> tuple[SaveInfo, Any] | None:
+        state = self.refresh()
+        for seq in sorted(state.live, reverse=True):
+            info = state.saves[seq]
+            try:
+                return info, self.read_save(seq, map_location=map_location)
+            except (CorruptBlobError, MissingBlobError, ManifestError) as exc:
+                warnings.warn(
+                    f"run {self.name}: save #{seq} (epoch {info.epoch}) is damaged "
+                    f"({exc}); falling back to an older save",
+                    DamagedCheckpointWarning,
+                    stacklevel=4,
+                )
+        return None
+
+    def finalize(self, ref: int | str = "last") -> int | None:
+        """Record a save as the run's final checkpoint (a final event).
+
+        Returns the final event's number (None on ranks other than 0).
+
+        Raises:
+            PolicyError: the save is not at the run's configured final epoch.
+        """
+        final_epoch = self.options.final_epoch
+
+        def work() -> int:
+            with self.store.db.write():
+                state = self.refresh()
+                target = self.resolve(ref)
+                if final_epoch is not None and target.epoch != final_epoch:
+                    raise PolicyError(
+                        f"run {self.name!r}: the final checkpoint must be the save "
+                        f"of epoch {final_epoch} (the last configured epoch); save "
+                        f"#{target.seq} is epoch {target.epoch}"
+                    )
+                if state.final == target.seq:
+                    return self._final_event_of(target.seq)
+                ev = self.store._append(
+                    self.name,
+                    "final",
+                    epoch=target.epoch,
+                    step=target.step,
+                    target=target.seq,
+                )
+                return ev.seq
+
+        return agree_on_seq(work, "record the final checkpoint")
+
+    def _final_event_of(self, target: int) -> int:
+        rows = self.store.db.rows(
+            "SELECT seq FROM events WHERE run = ? AND kind = 'final' AND target = ? "
+            "ORDER BY seq DESC LIMIT 1",
+            [self.name, target],
+        )
+        return int(rows[0]["seq"])
+
+    def expire(self, ref: int | str, reason: str = "manual") -> int | None:
+        """Release a save (an expire event) so gc may collect its blobs.
+
+        Raises:
+            PolicyError: the save is the run's best or final checkpoint.
+        """
+
+        def work() -> int:
+            with self.store.db.write():
+                state = self.refresh()
+                target = self.resolve(ref)
+                if target.seq in (state.best, state.final):
+                    raise PolicyError(
+                        f"save #{target.seq} is the run's best or final checkpoint "
+                        "and cannot be expired"
+                    )
+                ev = self.store._append(
+                    self.name,
+                    "expire",
+                    epoch=target.epoch,
+                    step=target.step,
+                    target=target.seq,
+                    body={"reason": reason},
+                )
+                return ev.seq
+
+        return agree_on_seq(work, "expire a checkpoint")
+
+
+def _watched_value(
+    best: BestPolicy | None,
+    metrics: dict[str, Any],
+    epoch: int | None,
+    on_nonfinite: str,
+) -> tuple[str, float] | None:
+    if best is None:
+        return None
+    if best.metric not in metrics:
+        if on_nonfinite == "refuse":
+            raise MetricError(
+                best.metric,
+                f"epoch {epoch}: the watched metric {best.metric!r} is missing and "
+                "this run refuses such saves",
+            )
+        return None
+    value = float(metrics[best.metric])
+    if not math.isfinite(value) and on_nonfinite == "refuse":
+        raise MetricError(
+            best.metric,
+            f"epoch {epoch}: the watched metric {best.metric!r} is {value} and this "
+            "run refuses non-finite values",
+        )
+    return best.metric, value
+
+
+def _check_counter(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if type(value) is not int or value < 0:
+        raise PolicyError(f"{name} must be an int >= 0 (or None), got {value!r}")
+
+
+def _is_hex(text: str) -> bool:
+    return all(c in "0123456789abcdef" for c in text)
+
+
+def _normalise_time(text: str) -> str:
+    from datetime import datetime, timezone
+
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise PolicyError(
+            f"invalid time {text!r}: use ISO 8601, e.g. 2026-12-03T18:00:00Z"
+        ) from exc
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
