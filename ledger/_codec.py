@@ -10,6 +10,7 @@ only the types listed in `encode` are stored; anything else is refused up front.
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _NUMPY_KINDS = frozenset("biufc")
 _MAX_DIMS = 64
+# Tuples and OrderedDicts nested in one another, refused deeper at save and at
+# load: each level costs the reader stack, so a hostile manifest must not choose.
+_MAX_NESTING = 100
+_NUMPY_DTYPE_STR = re.compile(r"[<>|=][biufc][0-9]{1,2}")  # what dtype.str writes
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     str(dt): dt
@@ -75,7 +80,8 @@ def encode(obj: Any) -> Encoded:
     tensors of every dtype. Tensors on any device are copied to the CPU and
     made contiguous; the bytes of a CPU contiguous tensor are hashed in place.
     Tensors sharing storage (tied weights) are stored once and tied again on
-    load.
+    load. Limits: strings must be valid Unicode (no lone surrogates), and
+    tuples and OrderedDicts nest at most 100 deep in one another.
 
     Raises:
         UnsupportedTypeError: a value of another type, named by its path
@@ -92,29 +98,32 @@ class _Encoder:
         self.blobs: dict[str, memoryview] = {}
         self.ties: dict[tuple[Any, ...], int] = {}
         self.tie_refs: dict[int, list[Any]] = {}
+        self.depth = 0
 
     def value(self, obj: Any, path: str) -> Any:
         kind = type(obj)
         if obj is None or kind in (bool, str, bytes, float):
+            if kind is str:
+                _check_str(obj, path)
             return obj
         if kind is int:
-            if not _INT64_MIN <= obj <= _INT64_MAX:
-                raise UnsupportedTypeError(
-                    path, "int", f"{obj} is outside the int64 range; store it as str"
-                )
+            _check_int(obj, path)
             return obj
         if kind is dict:
             return self.mapping(obj, path)
         if kind is OrderedDict:
+            self.enter(path)
             meta = getattr(obj, "_metadata", None)
             meta_enc = self.value(meta, _join(path, "_metadata")) if meta else None
-            return msgpack.ExtType(
-                _EXT_ODICT, _pack([self.mapping(obj, path), meta_enc])
-            )
+            payload = _pack([self.mapping(obj, path), meta_enc])
+            self.depth -= 1
+            return msgpack.ExtType(_EXT_ODICT, payload)
         if kind is list:
             return [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
         if kind is tuple:
+            self.enter(path)
             items = [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
+            self.depth -= 1
             return msgpack.ExtType(_EXT_TUPLE, _pack(items))
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, path)
@@ -123,6 +132,15 @@ class _Encoder:
         if isinstance(obj, np.generic) and obj.dtype.kind in _NUMPY_KINDS:
             return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
         raise UnsupportedTypeError(path, _type_name(obj))
+
+    def enter(self, path: str) -> None:
+        self.depth += 1
+        if self.depth > _MAX_NESTING:
+            raise UnsupportedTypeError(
+                path,
+                f"tuple or OrderedDict nested more than {_MAX_NESTING} deep",
+                "use lists or dicts for deep structures",
+            )
 
     def mapping(self, obj: dict[Any, Any], path: str) -> dict[Any, Any]:
         out = {}
@@ -133,6 +151,10 @@ class _Encoder:
                     f"dict key of type {_type_name(key)}",
                     "dict keys must be str or int",
                 )
+            if type(key) is int:
+                _check_int(key, _join(path, key))
+            else:
+                _check_str(key, _join(path, repr(key)))
             out[key] = self.value(val, _join(path, key))
         return out
 
@@ -177,6 +199,23 @@ class _Encoder:
         self.blobs.setdefault(digest, data)
         ref = ["numpy", digest, arr.dtype.str, list(arr.shape), data.nbytes, None]
         return msgpack.ExtType(_EXT_NUMPY, _pack(ref))
+
+
+def _check_int(value: int, path: str) -> None:
+    if not _INT64_MIN <= value <= _INT64_MAX:
+        raise UnsupportedTypeError(
+            path, "int", f"{value} is outside the int64 range; store it as str"
+        )
+
+
+def _check_str(value: str, path: str) -> None:
+    # msgpack writes UTF-8; a lone surrogate would fail deep inside packb.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UnsupportedTypeError(
+            path, "str", f"it is not valid Unicode ({exc.reason}); store it as bytes"
+        ) from None
 
 
 def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
@@ -227,18 +266,32 @@ def decode_manifest(manifest: bytes) -> tuple[Any, list[TensorRef]]:
             reference whose dtype, shape and size disagree.
     """
     refs: list[TensorRef] = []
+    depth = 0
+
+    def nested(data: bytes) -> Any:
+        nonlocal depth
+        depth += 1
+        if depth > _MAX_NESTING + 1:
+            raise ManifestError(
+                f"manifest nests tuples or ordered dicts more than {_MAX_NESTING} "
+                "deep: it is damaged or hostile"
+            )
+        try:
+            return _unpack(data, ext_hook)
+        finally:
+            depth -= 1
 
     def ext_hook(code: int, data: bytes) -> Any:
         if code == _EXT_TUPLE:
-            return tuple(_unpack(data, ext_hook))
+            return tuple(nested(data))
         if code in (_EXT_TENSOR, _EXT_NUMPY):
-            ref = _check_ref(_unpack(data, ext_hook), code)
+            ref = _check_ref(nested(data), code)
             refs.append(ref)
             return ref
         if code == _EXT_NPSCALAR:
-            return _decode_npscalar(_unpack(data, ext_hook))
+            return _decode_npscalar(nested(data))
         if code == _EXT_ODICT:
-            items, meta = _unpack(data, ext_hook)
+            items, meta = nested(data)
             out: OrderedDict[Any, Any] = OrderedDict(items)
             if meta is not None:
                 out._metadata = meta  # type: ignore[attr-defined]
@@ -250,7 +303,8 @@ def decode_manifest(manifest: bytes) -> tuple[Any, list[TensorRef]]:
     except ManifestError:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise ManifestError(f"malformed manifest: {exc}") from exc
+        reason = str(exc) or type(exc).__name__
+        raise ManifestError(f"malformed manifest: {reason}") from exc
     if not isinstance(doc, dict) or "format" not in doc or "root" not in doc:
         raise ManifestError("malformed manifest: no format version or root")
     if doc["format"] != FORMAT_VERSION:
@@ -262,9 +316,20 @@ def decode_manifest(manifest: bytes) -> tuple[Any, list[TensorRef]]:
 
 
 def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
-    return msgpack.unpackb(
-        data, raw=False, strict_map_key=False, ext_hook=ext_hook, use_list=True
+    # An Unpacker keeps its parse stack on the heap; unpackb puts ~40 KiB on the
+    # C stack per nested extension, so 200 nested tuples would crash the process.
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=False,
+        ext_hook=ext_hook,
+        use_list=True,
+        max_buffer_size=max(len(data), 1),
     )
+    unpacker.feed(data)
+    value = unpacker.unpack()
+    if unpacker.tell() != len(data):
+        raise ValueError(f"{len(data) - unpacker.tell()} bytes of extra data")
+    return value
 
 
 def _check_ref(raw: Any, code: int) -> TensorRef:
@@ -284,6 +349,12 @@ def _check_ref(raw: Any, code: int) -> TensorRef:
     if (code == _EXT_TENSOR) != (kind == "torch"):
         raise ManifestError(f"tensor reference of kind {kind!r} in the wrong place")
     itemsize = _itemsize(kind, dtype)
+    # Even an empty tensor's dims must fit torch's and numpy's int64 strides.
+    if math.prod(max(d, 1) for d in shape) * itemsize > _INT64_MAX:
+        raise ManifestError(
+            f"tensor {digest[:12]}: absurd shape {tuple(shape)} for {dtype}: "
+            "the manifest is damaged or hostile"
+        )
     expected = math.prod(shape) * itemsize
     if expected != nbytes:
         raise ManifestError(
@@ -307,8 +378,11 @@ def _itemsize(kind: str, dtype: str) -> int:
 
 
 def _numpy_dtype(text: Any) -> np.dtype[Any]:
+    # Only the plain forms the encoder writes are parsed (no aliases, no
+    # structured or object dtypes), so a hostile string cannot reach np.dtype.
+    is_plain = isinstance(text, str) and _NUMPY_DTYPE_STR.fullmatch(text)
     try:
-        dt = np.dtype(text) if isinstance(text, str) else None
+        dt = np.dtype(text) if is_plain else None
     except TypeError:
         dt = None
     if dt is None or dt.kind not in _NUMPY_KINDS or dt.fields is not None:
@@ -338,10 +412,12 @@ def build(
     `read(ref)` returns the verified bytes of a blob. Tensors tied at save time
     come back as one tensor object.
     """
-    loaded: dict[tuple[str, int], Any] = {}
+    loaded: dict[tuple[Any, ...], Any] = {}
 
     def materialize(ref: TensorRef) -> Any:
-        key = (ref.digest, ref.tie) if ref.tie is not None else (ref.digest, -id(ref))
+        # A tie holds only between identical refs, whatever a manifest claims.
+        tie = ref.tie if ref.tie is not None else -id(ref)
+        key = (ref.digest, tie, ref.kind, ref.dtype, ref.shape)
         if key in loaded:
             return loaded[key]
         buf = read(ref)
@@ -361,7 +437,12 @@ def build(
         loaded[key] = value
         return value
 
-    return _replace(root, materialize)
+    try:
+        return _replace(root, materialize)
+    except RecursionError:
+        raise ManifestError(
+            "manifest nests lists or dicts too deep to load: it is damaged or hostile"
+        ) from None
 
 
 def _replace(node: Any, fn: Callable[[TensorRef], Any]) -> Any:

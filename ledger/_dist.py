@@ -8,7 +8,9 @@ No Python object is pickled across ranks.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 import torch
@@ -20,6 +22,8 @@ T = TypeVar("T")
 
 _FAILED = -1
 _NONE = -2
+
+_alone: ContextVar[bool] = ContextVar("ledger_rank_alone", default=False)
 
 
 def is_distributed() -> bool:
@@ -37,6 +41,21 @@ def is_writer() -> bool:
     return rank() == 0
 
 
+@contextmanager
+def rank_alone() -> Iterator[None]:
+    """Run ledger calls inside on this rank alone, with no collective.
+
+    For frameworks that call their checkpoint hooks on rank 0 only and hold
+    the other ranks at a barrier of their own (Lightning's CheckpointIO): a
+    collective there would wait forever for ranks that never join it.
+    """
+    token = _alone.set(True)
+    try:
+        yield
+    finally:
+        _alone.reset(token)
+
+
 def agree_on_seq(work: Callable[[], int | None], what: str) -> int | None:
     """Run `work` on rank 0 and give every rank the sequence number it returned.
 
@@ -44,7 +63,7 @@ def agree_on_seq(work: Callable[[], int | None], what: str) -> int | None:
     exception is re-raised there, and the other ranks raise
     DistributedSaveError instead of waiting forever.
     """
-    if not is_distributed():
+    if not is_distributed() or _alone.get():
         return work()
     device = (
         torch.device("cuda", torch.cuda.current_device())

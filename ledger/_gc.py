@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cas import CorruptBlobError, MissingBlobError
-from ledger._codec import decode_manifest
+from ledger._codec import TensorRef, decode_manifest
 from ledger._errors import ManifestError
 
 if TYPE_CHECKING:
@@ -29,7 +29,14 @@ _LIVE_REFS = """
 SELECT r.digest AS digest, r.size AS size, r.seq AS seq, e.run AS run
 FROM refs r JOIN events e ON e.seq = r.seq
 WHERE e.kind = 'save'
-  AND r.seq NOT IN (SELECT target FROM events WHERE kind = 'expire')
+  AND r.seq NOT IN (
+    SELECT target FROM events WHERE kind = 'expire' AND target IS NOT NULL)
+"""
+
+_LIVE_SAVES = """
+SELECT seq, run, manifest FROM events
+WHERE kind = 'save' AND seq NOT IN (
+    SELECT target FROM events WHERE kind = 'expire' AND target IS NOT NULL)
 """
 
 
@@ -43,7 +50,8 @@ class Problem:
     message: str
 
     def __str__(self) -> str:
-        where = f"event #{self.seq} ({self.run})" if self.seq is not None else "store"
+        where = f"event #{self.seq}" if self.seq is not None else "store"
+        where += f" ({self.run})" if self.run else ""
         blob = f" blob {self.digest}" if self.digest else ""
         return f"{where}:{blob} {self.message}"
 
@@ -142,48 +150,122 @@ def verify(
     run: str | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[Problem]:
-    """Check every blob an unexpired save needs: present, sized right, hashing to
-    its name, and every manifest decodable. One Problem per (event, blob)."""
-    rows = store.db.rows(
+    """Check every blob an unexpired save needs.
+
+    What a save needs is read from its manifest, whose digest the hash chain
+    covers, as well as from the refs table: every blob must be present, have
+    the size the manifest gives and hash to its name; every manifest must
+    decode; and the refs table must list each blob, since gc keeps only what
+    it lists. One Problem per (save, blob), in sequence order.
+    `progress(done, total)` is called after each distinct blob.
+    """
+    where, params = (" AND run = ?", [run]) if run else ("", [])
+    saves = store.db.rows(_LIVE_SAVES + where + " ORDER BY seq", params)
+    listed: dict[int, set[str]] = defaultdict(set)
+    for row in store.db.rows(
         _LIVE_REFS + (" AND e.run = ?" if run else ""), [run] if run else []
-    )
-    needed_by: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for row in rows:
-        needed_by[row["digest"]].append((row["seq"], row["run"]))
-    manifests = {
-        r["manifest"]
-        for r in store.db.rows(
-            "SELECT manifest FROM events WHERE kind = 'save'"
-            + (" AND run = ?" if run else ""),
-            [run] if run else [],
-        )
-    }
+    ):
+        listed[row["seq"]].add(row["digest"])
+    known = {s["manifest"] for s in saves} | {d for ds in listed.values() for d in ds}
+    blobs = _BlobCheck(store, len(known), progress)
     problems: list[Problem] = []
-    digests = sorted(needed_by)
-    for i, digest in enumerate(digests, 1):
-        reason = None
-        try:
-            if digest in manifests:
-                decode_manifest(bytes(store.blobs.get(digest)))
-            else:
-                store.blobs.verify(digest)
-        except MissingBlobError:
-            reason = "is missing"
-        except CorruptBlobError as exc:
-            reason = f"is corrupt ({exc.reason})"
-        except ManifestError as exc:
-            reason = f"is not a readable manifest ({exc})"
-        if reason is not None:
-            for seq, run_name in needed_by[digest]:
+    for save in saves:
+        seq, run_name, manifest = save["seq"], save["run"], save["manifest"]
+        refs, reason = blobs.manifest(manifest)
+        needed = {manifest: None} | {ref.digest: ref.nbytes for ref in refs}
+        needed |= {d: needed.get(d) for d in listed[seq]}
+        for digest, nbytes in needed.items():
+            reason = blobs.blob(digest, nbytes) if digest != manifest else reason
+            if reason is not None:
                 problems.append(
                     Problem(
                         seq,
                         run_name,
                         digest,
-                        reason + ": restore it or expire the save",
+                        f"{reason}: restore it or expire the save",
                     )
                 )
-        if progress is not None:
-            progress(i, len(digests))
+            if digest not in listed[seq]:
+                problems.append(
+                    Problem(
+                        seq,
+                        run_name,
+                        digest,
+                        "is needed by the save but missing from the refs table, so "
+                        "gc would not keep it: restore ledger.db from a backup",
+                    )
+                )
+    if problems:
+        # A save expired while its blobs were read may have been collected by
+        # a gc meanwhile: it needs nothing any more.
+        expired = {
+            row["target"]
+            for row in store.db.rows("SELECT target FROM events WHERE kind = 'expire'")
+        }
+        problems = [p for p in problems if p.seq not in expired]
     problems.sort(key=lambda p: (p.seq or 0, p.digest or ""))
     return problems
+
+
+class _BlobCheck:
+    """Reads each distinct blob once and remembers what was wrong with it."""
+
+    def __init__(
+        self,
+        store: Store,
+        total: int,
+        progress: Callable[[int, int], None] | None,
+    ) -> None:
+        self.blobs = store.blobs
+        self.total = total
+        self.progress = progress
+        self.seen: dict[str, str | None] = {}
+        self.manifests: dict[str, list[TensorRef]] = {}
+
+    def manifest(self, digest: object) -> tuple[list[TensorRef], str | None]:
+        """The tensor refs of a manifest, or why it cannot be read."""
+        if not isinstance(digest, str):
+            return [], f"is not a manifest digest ({digest!r})"
+        if digest not in self.seen:
+            reason = None
+            try:
+                _, self.manifests[digest] = decode_manifest(
+                    bytes(self.blobs.get(digest))
+                )
+            except ManifestError as exc:
+                reason = f"is not a readable manifest ({exc})"
+            except (MissingBlobError, CorruptBlobError, OSError, ValueError) as exc:
+                reason = _blob_reason(exc)
+            self._seen(digest, reason)
+        return self.manifests.get(digest, []), self.seen[digest]
+
+    def blob(self, digest: str, nbytes: int | None) -> str | None:
+        """Why a blob is unusable, or None when it is sound."""
+        if digest not in self.seen:
+            reason = None
+            try:
+                size = self.blobs.size_of(digest)
+                if nbytes is not None and size != nbytes:
+                    reason = f"has {size} bytes, the manifest says {nbytes}"
+                else:
+                    self.blobs.verify(digest)
+            except (MissingBlobError, CorruptBlobError, OSError, ValueError) as exc:
+                reason = _blob_reason(exc)
+            self._seen(digest, reason)
+        return self.seen[digest]
+
+    def _seen(self, digest: str, reason: str | None) -> None:
+        self.seen[digest] = reason
+        self.total = max(self.total, len(self.seen))
+        if self.progress is not None:
+            self.progress(len(self.seen), self.total)
+
+
+def _blob_reason(exc: Exception) -> str:
+    if isinstance(exc, MissingBlobError):
+        return "is missing"
+    if isinstance(exc, CorruptBlobError):
+        return f"is corrupt ({exc.reason})"
+    if isinstance(exc, OSError):
+        return f"cannot be read ({exc.strerror or exc})"
+    return f"is not a valid digest ({exc})"

@@ -204,8 +204,15 @@ def metric_number(name: str, value: Any) -> float | int:
     with exactly one real element. Refuses bool, str, complex and the rest.
     """
     kind = type(value)
-    if kind is int or kind is float:
+    if kind is float:
         return value
+    if kind is int:
+        # msgpack (the event body) stores integers of at most 64 bits.
+        if -(2**63) <= value < 2**64:
+            return value
+        raise MetricError(
+            name, f"metric {name!r} is an int beyond 64 bits: pass it as a float"
+        )
     if isinstance(value, (np.integer, np.floating)):
         return value.item()
     if isinstance(value, (torch.Tensor, np.ndarray)):

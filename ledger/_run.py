@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import warnings
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cas import CorruptBlobError, MissingBlobError, hash_bytes
-from ledger._codec import Encoded, build, decode_manifest, encode
+from cas import BlobStore, CorruptBlobError, MissingBlobError, hash_bytes
+from ledger._codec import Encoded, TensorRef, build, decode_manifest, encode
 from ledger._dist import agree_on_seq
 from ledger._errors import (
     ManifestError,
@@ -37,7 +39,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+_WRITERS = 8  # large blobs: fsyncs and extending writes wait on the journal
+_SMALL_WRITERS = 16  # small blobs: bound by fsync latency, which threads share
+_SMALL = 1 << 20
+_READERS = 2  # each reads and hashes one blob; page faults and hashing overlap
 RESUME_MODES = ("none", "auto", "last", "best", "final")
+_IS_CLAIMED = """
+SELECT 1 FROM refs r JOIN events e ON e.seq = r.seq
+WHERE r.digest = ? AND e.kind = 'save'
+  AND r.seq NOT IN (SELECT target FROM events WHERE kind = 'expire')
+UNION ALL SELECT 1 FROM leases WHERE digest = ? AND expires > ?
+"""
 
 
 class MetricWarning(UserWarning):
@@ -83,6 +95,7 @@ class Run:
         self.config = config
         self.config_hash = config_hash
         self.config_diff: dict[str, list[Any]] = {}
+        self.seed: int | None = None  # given to Store.run; resumes record it
         self._state = RunState(run=name)
 
     def __repr__(self) -> str:
@@ -199,23 +212,34 @@ class Run:
         # 1. Lease every digest first, so a concurrent gc keeps a blob that is
         #    already present (and about to be referenced) as well as new ones.
         leases = store._lease(refs)
-        store._step("leased", manifest_digest)
+        absent = [d for d, n in refs.items() if not store.blobs.has_blob(d, size=n)]
         try:
-            # 2. Write missing blobs durably; the directory fsyncs are batched.
-            written = 0
-            for digest, view in encoded.blobs.items():
-                if store.blobs.put(view, digest=digest, sync_dir=False).written:
-                    written += view.nbytes
-            if store.blobs.put(
-                encoded.manifest, digest=manifest_digest, sync_dir=False
-            ).written:
-                written += len(encoded.manifest)
+            store._step("leased", manifest_digest)
+            # 2. Write missing blobs durably, several at once; the directory
+            #    fsyncs are batched, after every blob's own fsync.
+            items: list[tuple[str, memoryview | bytes]] = [
+                *encoded.blobs.items(),
+                (manifest_digest, encoded.manifest),
+            ]
+            written = _write_blobs(store.blobs, items)
             store.blobs.sync_dirs(refs)
             store._step("blobs_written", manifest_digest)
 
             # 3. One transaction: the save, its digests, its consequences, and
             #    the lease release. A crash here is rolled back by SQLite.
             with store.db.write():
+                if store._release(leases) < len(leases):
+                    # The save outlived its lease and a gc may have taken its
+                    # blobs: under the lock no gc runs, so put back what is gone.
+                    log.warning(
+                        "run %s: a save outlived its lease (lease_ttl=%gs); blobs "
+                        "gc took were written again: raise lease_ttl",
+                        self.name,
+                        store.lease_ttl,
+                    )
+                    for digest, view in encoded.blobs.items():
+                        store.blobs.put(view, digest=digest)
+                    store.blobs.put(encoded.manifest, digest=manifest_digest)
                 state = self.refresh()
                 save = store._append(
                     self.name,
@@ -234,10 +258,9 @@ class Run:
                     appended.append(promoted)
                 state = fold(appended, state)
                 expired = self._apply_retention(state, options)
-                store._release(leases)
             store._step("committed", manifest_digest)
         except BaseException:
-            self._drop_leases(leases)
+            self._drop_leases(leases, absent)
             raise
         log.info(
             "run %s: saved #%d (epoch %s, %d new bytes)%s",
@@ -255,11 +278,19 @@ class Run:
             bytes_written=written,
         )
 
-    def _drop_leases(self, leases: list[int]) -> None:
-        # Cleanup after a failed save; if even this fails, the leases lapse by TTL.
+    def _drop_leases(self, leases: list[int], absent: list[str]) -> None:
+        # Cleanup after a failed save: drop the leases, and delete the blobs the
+        # save made appear unless an unexpired save or lease needs them, as gc
+        # would (the write lock keeps either from starting meanwhile). If even
+        # this fails, the leases lapse by TTL and gc takes the blobs.
+        store = self.store
         try:
-            with self.store.db.write():
-                self.store._release(leases)
+            with store.db.write() as db:
+                store._release(leases)
+                now = time.time()
+                for digest in absent:
+                    if not db.execute(_IS_CLAIMED, [digest, digest, now]).fetchone():
+                        store.blobs.delete(digest)
         except Exception:  # noqa: BLE001 - the original error is re-raised by the caller
             log.warning("run %s: could not drop leases after a failed save", self.name)
 
@@ -419,12 +450,11 @@ class Run:
                     f"size {size} bytes, the manifest says {ref.nbytes}",
                 )
 
-        def read(ref: Any) -> bytearray:
-            buf = bytearray(ref.nbytes)
-            blobs.read_into(ref.digest, buf)
-            return buf
-
-        return build(root, refs, read, map_location)
+        reader = _BlobReader(blobs, refs)
+        try:
+            return build(root, refs, reader.read, map_location)
+        finally:
+            reader.close()
 
     def resume(
         self,
@@ -443,7 +473,8 @@ class Run:
                 manifest digest).
             ref: with "auto", an explicit reference to prefer.
             map_location: where to put the loaded tensors.
-            seed: recorded in the resume event's provenance.
+            seed: recorded in the resume event's provenance; by default the
+                seed given to `Store.run`.
 
         Raises:
             UnknownReferenceError: the mode names no checkpoint.
@@ -475,7 +506,7 @@ class Run:
                     "config_hash": self.config_hash,
                     "config_diff": self.config_diff,
                     "mode": str(mode),
-                    "provenance": provenance(seed),
+                    "provenance": provenance(self.seed if seed is None else seed),
                 }
                 ev = self.store._append(
                     self.name,
@@ -598,6 +629,83 @@ class Run:
         return agree_on_seq(work, "expire a checkpoint")
 
 
+class _BlobReader:
+    """Reads a save's blobs on a few threads, ahead of `build`, which asks for
+    them in manifest order. Each (digest, tie) is read once and handed out
+    once; a further request for it (refused as a tie by `build`) reads again."""
+
+    def __init__(self, blobs: BlobStore, refs: list[TensorRef]) -> None:
+        self.blobs = blobs
+        self.pool = ThreadPoolExecutor(_READERS, thread_name_prefix="ckpt-read")
+        self.ahead: dict[tuple[str, int], Future[bytearray]] = {}
+        for ref in refs:
+            key = _read_key(ref)
+            if key not in self.ahead:
+                self.ahead[key] = self.pool.submit(self._read, ref)
+
+    def _read(self, ref: TensorRef) -> bytearray:
+        buf = bytearray(ref.nbytes)
+        self.blobs.read_into(ref.digest, buf)
+        return buf
+
+    def read(self, ref: TensorRef) -> bytearray:
+        future = self.ahead.pop(_read_key(ref), None)
+        return self._read(ref) if future is None else future.result()
+
+    def close(self) -> None:
+        for future in self.ahead.values():
+            future.cancel()
+        self.pool.shutdown(wait=True)
+
+
+def _read_key(ref: TensorRef) -> tuple[str, int]:
+    return ref.digest, ref.tie if ref.tie is not None else -id(ref)
+
+
+def _write_blobs(blobs: BlobStore, items: list[tuple[str, memoryview | bytes]]) -> int:
+    """Put each (digest, bytes) without syncing directories; the bytes written.
+
+    The digests are known, so threads only overlap writes and fsyncs (both
+    release the GIL). Large blobs share the disk's bandwidth among a few
+    threads, largest first; small ones, whose cost is the fsync, go many at a
+    time so that the filesystem commits their fsyncs together. With a
+    fault-injection hook the blobs go one by one, in order, as its user expects.
+    """
+
+    def put(item: tuple[str, memoryview | bytes]) -> int:
+        digest, data = item
+        result = blobs.put(data, digest=digest, sync_dir=False)
+        return result.size if result.written else 0
+
+    if blobs.hook is not None:
+        return sum(put(item) for item in items)
+    # Only blobs missing now go to the threads (put checks again, as it must).
+    sized = []
+    for digest, data in items:
+        size = memoryview(data).nbytes
+        if not blobs.has_blob(digest, size=size):
+            sized.append((size, (digest, data)))
+    sized.sort(key=lambda pair: -pair[0])
+    if len(sized) < 2:
+        return sum(put(item) for _, item in sized)
+    with (
+        ThreadPoolExecutor(_WRITERS, thread_name_prefix="ckpt-write") as large,
+        ThreadPoolExecutor(_SMALL_WRITERS, thread_name_prefix="ckpt-write") as small,
+    ):
+        futures = [
+            (large if size >= _SMALL else small).submit(put, item)
+            for size, item in sized
+        ]
+        try:
+            return sum(f.result() for f in futures)
+        except BaseException:
+            # Let the writes in flight finish (their temp files are removed on
+            # failure) and start no more.
+            for f in futures:
+                f.cancel()
+            raise
+
+
 def _watched_value(
     best: BestPolicy | None,
     metrics: dict[str, Any],
@@ -627,8 +735,11 @@ def _watched_value(
 def _check_counter(name: str, value: Any) -> None:
     if value is None:
         return
-    if type(value) is not int or value < 0:
-        raise PolicyError(f"{name} must be an int >= 0 (or None), got {value!r}")
+    # SQLite stores integers of at most 64 bits (signed).
+    if type(value) is not int or not 0 <= value < 2**63:
+        raise PolicyError(
+            f"{name} must be an int from 0 to 2**63 - 1 (or None), got {value!r}"
+        )
 
 
 def _is_hex(text: str) -> bool:

@@ -96,9 +96,7 @@ class LedgerDB:
         self.read_only = not create and not os.access(path.parent, os.W_OK)
         try:
             if self.read_only:
-                conn = sqlite3.connect(
-                    f"file:{path}?mode=ro", uri=True, isolation_level=None
-                )
+                conn = _connect_read_only(path)
             else:
                 conn = sqlite3.connect(path, isolation_level=None, timeout=60.0)
             conn.execute("PRAGMA busy_timeout = 60000")
@@ -216,6 +214,18 @@ class LedgerDB:
             self._unlock()
             os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    # A WAL database in a read-only directory opens read-only only if its -shm
+    # file can be used; otherwise it is read as immutable (nobody can write it).
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    return sqlite3.connect(f"file:{path}?immutable=1", uri=True, isolation_level=None)
 
 
 def warn_if_network_fs(path: Path) -> None:

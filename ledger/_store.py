@@ -43,6 +43,8 @@ from ledger._replay import RunState
 from ledger._schema import LedgerDB
 
 if TYPE_CHECKING:
+    from ledger._audit import Head
+    from ledger._gc import Problem
     from ledger._run import Run
 
 log = logging.getLogger(__name__)
@@ -179,6 +181,7 @@ class Store:
         if contract is not None:
             contract.check(config)
         run = Run(self, name, config, config_hash)
+        run.seed = seed
 
         def work() -> int:
             with self.db.write():
@@ -301,11 +304,13 @@ class Store:
                 ids.append(int(cur.lastrowid or 0))
         return ids
 
-    def _release(self, lease_ids: list[int]) -> None:
-        """Drop leases inside an open write transaction."""
-        self.db.db.conn.executemany(
+    def _release(self, lease_ids: list[int]) -> int:
+        """Drop leases inside an open write transaction; return how many were
+        still there (gc deletes leases that lapsed)."""
+        cur = self.db.db.conn.executemany(
             "DELETE FROM leases WHERE id = ?", [(i,) for i in lease_ids]
         )
+        return cur.rowcount
 
     def event(self, seq: int) -> Event:
         """One event by sequence number."""
@@ -370,12 +375,27 @@ class Store:
         self,
         run: str | None = None,
         *,
+        head: Head | tuple[int, str] | None = None,
         progress: Callable[[int, int], None] | None = None,
-    ) -> Any:
-        """Check every blob an unexpired save needs: see `ledger._gc.verify`."""
-        from ledger._gc import verify
+    ) -> list[Problem]:
+        """Prove the store: the hash chain is intact (and extends `head`, a
+        `(seq, hash)` kept elsewhere), every promote, final, resume and expire
+        follows from the run's recorded policies, and every blob an unexpired
+        save needs is sound. See `ledger._audit.audit`.
 
-        return verify(self, run=run, progress=progress)
+        Returns one Problem per finding, in sequence order; empty when all is
+        well. `progress(done, total)` is called as events and blobs are checked.
+
+        Without `head`, a ledger whose newest events were cut off, or whose
+        history was rewritten and chained again by someone with this code,
+        verifies unless the rewrite breaks a policy: keep the head elsewhere.
+
+        Raises:
+            UnknownReferenceError: `run` names no run of the store.
+        """
+        from ledger._audit import audit
+
+        return audit(self, run=run, head=head, progress=progress)
 
 
 def _has_any_blob(blobs: Path) -> bool:

@@ -1,0 +1,191 @@
+"""Replay: a run's state is a pure fold of its events, now and at any earlier seq.
+
+Random sequences of real operations (save, resume, finalize, expire, retention,
+and saves of a second run interleaved) are applied to a store; after each one
+the incrementally kept state must equal a fold from scratch, and afterwards
+every earlier state must be what `state(at=seq)` gives back.
+"""
+
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import ledger
+from ledger import BestPolicy, RunOptions, RunState, Store
+from ledger._replay import fold
+
+_FINAL_EPOCH = 3
+
+_SAVE = st.tuples(
+    st.just("save"),
+    st.sampled_from([None, 1, 2, _FINAL_EPOCH, _FINAL_EPOCH, 4, 5]),
+    st.sampled_from([None, math.nan, 0.1, 0.2, 0.2, 0.5, 0.9]),
+)
+_OPS = st.lists(
+    st.one_of(
+        _SAVE,
+        _SAVE,
+        st.tuples(
+            st.just("resume"),
+            st.sampled_from(["auto", "last", "best", "final", "ref"]),
+            st.integers(0, 20),
+        ),
+        st.tuples(st.just("finalize"), st.booleans(), st.integers(0, 20)),
+        st.tuples(st.just("finalize"), st.just(True), st.integers(0, 20)),
+        st.tuples(st.just("expire"), st.just(None), st.integers(0, 20)),
+        st.tuples(st.just("other"), st.integers(1, 5), st.just(0.3)),
+    ),
+    min_size=3,
+    max_size=16,
+)
+
+
+def _plain(state: RunState) -> dict[str, Any]:
+    """The state as comparable data (sets sorted, NaN metrics compared by repr)."""
+    out = {}
+    for item in dataclasses.fields(state):
+        value = getattr(state, item.name)
+        if isinstance(value, set):
+            value = sorted(value)
+        elif item.name == "saves":
+            value = {
+                seq: (s.epoch, s.step, s.manifest, repr(sorted(s.metrics.items())))
+                for seq, s in value.items()
+            }
+        out[item.name] = value
+    return out
+
+
+def _apply(run: ledger.Run, other: ledger.Run, op: tuple[Any, Any, Any]) -> None:
+    kind, arg, value = op
+    saves = [ev.seq for ev in run.history("save")]
+    if kind == "save":
+        metrics = {} if value is None else {"m": value}
+        run.save({"w": torch.tensor([float(len(saves))])}, epoch=arg, metrics=metrics)
+        return
+    if kind == "other":
+        other.save({"w": torch.tensor([value])}, epoch=arg, metrics={"m": value})
+        return
+    # An index into the saves so far; a seq no event has when there are none.
+    chosen = saves[value % len(saves)] if saves else 10**6
+    if kind == "resume" and arg == "ref":
+        run.resume("auto", ref=chosen)
+    elif kind == "resume":
+        run.resume(arg)
+    elif kind == "finalize" and arg:
+        state = run.state()
+        at_final = [s for s in state.live if state.saves[s].epoch == _FINAL_EPOCH]
+        run.finalize(max(at_final) if at_final else chosen)
+    elif kind == "finalize":
+        run.finalize(chosen)
+    else:
+        run.expire(chosen)
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    ops=_OPS,
+    keep_last=st.sampled_from([None, 1, 2, 3]),
+    mode=st.sampled_from(["max", "min"]),
+    start=st.integers(1, 3),
+)
+def test_incremental_state_equals_replay_from_scratch_and_prefixes_give_history(
+    tmp_path: Path,
+    ops: list[tuple[Any, Any, Any]],
+    keep_last: int | None,
+    mode: str,
+    start: int,
+) -> None:
+    options = RunOptions(
+        best=BestPolicy("m", mode=mode, start_epoch=start),
+        final_epoch=_FINAL_EPOCH,
+        keep_last=keep_last,
+    )
+    with Store(tmp_path / "store") as store:
+        name = f"r{len(store.runs())}"
+        run = store.run(name, options=options)
+        other = store.run(f"{name}-other", options=RunOptions(keep_last=1))
+        history = [(run.state().seq, _plain(run.state()))]
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ledger.MetricWarning)
+            for op in ops:
+                before = _plain(run.state())
+                try:
+                    _apply(run, other, op)
+                except (ledger.PolicyError, ledger.UnknownReferenceError):
+                    assert _plain(run.state()) == before
+                now = run.state()
+                scratch = fold(store.events(name), run=name)
+                assert _plain(now) == _plain(scratch)
+                history.append((now.seq, _plain(now)))
+
+        for seq, expected in history:
+            assert _plain(run.state(at=seq)) == expected
+        with Store(tmp_path / "store") as again:
+            assert _plain(again.get_run(name).state()) == history[-1][1]
+
+
+def test_state_at_an_event_number_is_the_prefix_state(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    run = store.run("r", options=RunOptions(best=BestPolicy("loss", mode="min")))
+    first = run.save({"w": torch.zeros(2)}, epoch=1, metrics={"loss": 1.0})
+    second = run.save({"w": torch.ones(2)}, epoch=2, metrics={"loss": 0.5})
+    assert first is not None and second is not None
+
+    then = run.state(at=first.seq)
+    now = run.state()
+
+    assert (then.last, then.best, then.best_value) == (first.seq, None, None)
+    assert then.seq == first.seq and sorted(then.saves) == [first.seq]
+    assert (now.last, now.best, now.best_value) == (second.seq, second.seq, 0.5)
+    store.close()
+
+
+def test_state_before_the_open_event_is_empty(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    store.run("a").save({"w": torch.zeros(1)}, epoch=1)
+    run = store.run("b")
+
+    state = run.state(at=2)
+
+    assert state.opened is None and state.events == 0 and state.saves == {}
+    store.close()
+
+
+def test_fold_refuses_events_out_of_order(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    run = store.run("r")
+    run.save({"w": torch.zeros(1)}, epoch=1)
+    events = run.history()
+
+    with pytest.raises(ValueError, match="out of order"):
+        fold(list(reversed(events)))
+
+    store.close()
+
+
+def test_fold_leaves_the_state_it_starts_from_untouched(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    run = store.run("r", options=RunOptions(keep_last=1))
+    run.save({"w": torch.zeros(1)}, epoch=1)
+    opened, *rest = run.history()
+    start = fold([opened])
+    kept = _plain(start)
+
+    later = fold(rest, start)
+
+    assert _plain(start) == kept
+    assert later.last is not None and start.last is None
+    store.close()
