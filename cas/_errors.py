@@ -8,6 +8,7 @@ CasError
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -58,7 +59,7 @@ class BlobStoreIOError(CasError, OSError):
         self.cause = cause
         super().__init__(
             cause.errno,
-            f"could not {action} {path}: {cause.strerror or cause}; "
+            f"could not {action} {path}: {_reason(cause)}; "
             "nothing was committed, free space or fix permissions and retry",
         )
 
@@ -67,3 +68,11 @@ class BlobStoreIOError(CasError, OSError):
 
     def __str__(self) -> str:
         return str(self.args[1])
+
+
+def _reason(cause: OSError) -> str:
+    if cause.strerror:
+        return cause.strerror
+    if cause.errno:
+        return os.strerror(cause.errno)
+    return str(cause) or type(cause).__name__

@@ -5,6 +5,7 @@ are derived by replaying a run's events. Checkpoints are stored one blob per
 tensor plus a msgpack manifest, and are never unpickled.
 """
 
+from ledger._audit import Head, HeadError
 from ledger._errors import (
     ConfigMismatchError,
     ContractViolationError,
@@ -39,6 +40,8 @@ __all__ = [
     "Contract",
     "ContractViolationError",
     "DamagedCheckpointWarning",
+    "Head",
+    "HeadError",
     "LedgerError",
     "ManifestError",
     "MetricError",

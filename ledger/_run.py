@@ -168,14 +168,16 @@ class Run:
             cas.BlobStoreIOError: the disk refused a write.
             Nothing is written to the ledger or the store when any is raised.
         """
-        _check_counter("epoch", epoch)
-        _check_counter("step", step)
-        clean = check_metrics(metrics)
-        options = self.options
-        watched = _watched_value(options.best, clean, epoch, options.on_nonfinite)
         result: list[SaveResult] = []
 
         def work() -> int:
+            # Validation runs where the save is written (rank 0), so a refusal
+            # reaches every rank through the broadcast instead of hanging it.
+            _check_counter("epoch", epoch)
+            _check_counter("step", step)
+            clean = check_metrics(metrics)
+            options = self.options
+            watched = _watched_value(options.best, clean, epoch, options.on_nonfinite)
             if options.best is not None and (
                 watched is None or not math.isfinite(watched[1])
             ):
@@ -604,7 +606,8 @@ class Run:
         """Release a save (an expire event) so gc may collect its blobs.
 
         Raises:
-            PolicyError: the save is the run's best or final checkpoint.
+            PolicyError: the save is the run's best or final checkpoint (expiring
+                the last save makes `load("last")` refuse until the next save).
         """
 
         def work() -> int:

@@ -94,6 +94,7 @@ class LedgerDB:
         self._lock_fd = -1
         self._depth = 0
         self.read_only = not create and not os.access(path.parent, os.W_OK)
+        conn: sqlite3.Connection | None = None
         try:
             if self.read_only:
                 conn = _connect_read_only(path)
@@ -104,10 +105,22 @@ class LedgerDB:
             if not self.read_only:
                 self._prepare(create)
         except sqlite3.DatabaseError as exc:
+            self._abandon(conn)
             raise LedgerStateError(
                 f"cannot open ledger {path}: {exc}; if the file is damaged, restore "
                 "it from a backup (the blobs are intact)"
             ) from exc
+        except BaseException:
+            self._abandon(conn)
+            raise
+
+    def _abandon(self, conn: sqlite3.Connection | None) -> None:
+        # Cleanup of a failed open; the caller re-raises the original error.
+        if conn is not None:
+            conn.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     def _prepare(self, create: bool) -> None:
         self.db.execute("PRAGMA synchronous = FULL")
@@ -188,7 +201,7 @@ class LedgerDB:
                 if time.monotonic() >= deadline:
                     raise LedgerStateError(
                         f"ledger {self.path} is locked by another process for more "
-                        f"than {self.lock_timeout:.0f}s: find it with "
+                        f"than {self.lock_timeout:g}s: find it with "
                         f"`fuser {self.lock_path}`, or retry later"
                     ) from None
                 time.sleep(delay)

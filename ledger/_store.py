@@ -353,6 +353,16 @@ class Store:
         run.config_hash = state.config_hash or ""
         return run
 
+    def head(self) -> Head:
+        """The head of the hash chain: the newest event's number and hash.
+
+        Kept outside the store (`ckpt head > head.txt`), it lets `verify(head=...)`
+        prove that no event up to it was changed, dropped or re-chained.
+        """
+        from ledger._audit import head
+
+        return head(self)
+
     def usage(self) -> Usage:
         """Logical against physical bytes: how much deduplication saves."""
         logical_row = self.db.db.execute(

@@ -28,7 +28,6 @@ from rich.text import Text
 
 from cas import CasError, CorruptBlobError, MissingBlobError
 from ledger._audit import Head
-from ledger._audit import head as chain_head
 from ledger._codec import encode
 from ledger._errors import LedgerError, LedgerStateError
 from ledger._events import KINDS, Event
@@ -174,8 +173,7 @@ def log(
         )
     with _open_store(ctx) as store:
         events = store.get_run(run).history(kind)
-        head = store.db.rows("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
-    chain_head = {"seq": head[0]["seq"], "hash": head[0]["hash"]} if head else None
+        chain_head = _head_record(store)
     if as_json:
         _print_json(
             {
@@ -211,6 +209,15 @@ def log(
             _target_text(ev),
         )
     _out().print(table)
+    _print_head(chain_head)
+
+
+def _head_record(store: Store) -> dict[str, Any] | None:
+    pinned = store.head()
+    return {"seq": pinned.seq, "hash": pinned.hash} if pinned.seq else None
+
+
+def _print_head(chain_head: dict[str, Any] | None) -> None:
     if chain_head is not None:
         print(
             f"chain head: #{chain_head['seq']} {chain_head['hash'][:16]} "
@@ -280,17 +287,19 @@ def show(
     moment: int | str | None = int(at) if at is not None and at.isdigit() else at
     with _open_store(ctx) as store:
         state = store.get_run(run).state(at=moment)
+        chain_head = _head_record(store)
     if state.events == 0:
         raise LedgerStateError(f"run {run!r} has no events at or before {at}")
     summary = state.summary()
     if as_json:
-        _print_json(summary)
+        _print_json({**summary, "chain_head": chain_head})
         return
     table = _table("field", "value", show_header=False)
     for key, value in summary.items():
         shown = ", ".join(f"#{s}" for s in value) if key == "live_saves" else value
         _add_row(table, key, shown)
     _out().print(table)
+    _print_head(chain_head)
 
 
 @app.command("head")
@@ -305,7 +314,7 @@ def head_command(ctx: typer.Context) -> None:
     Exit status: 0 printed, 2 no store or bad usage.
     """
     with _open_store(ctx) as store:
-        print(chain_head(store))
+        print(store.head())
 
 
 @app.command()
