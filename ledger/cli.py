@@ -35,9 +35,9 @@ from ledger._policies import check_metrics
 from ledger._replay import RunState
 from ledger._store import Store, default_store_path
 from ledger._transfer import (
+    check_export_target,
     check_suffix,
     read_checkpoint_file,
-    select_key,
     write_checkpoint_file,
 )
 
@@ -446,14 +446,19 @@ def export(
     ],
     key: Annotated[
         str | None,
-        typer.Option("--key", help="Export only this top-level key, e.g. model."),
+        typer.Option(
+            "--key",
+            help="Export only this part: a key, or a dotted path such as "
+            "model.encoder.",
+        ),
     ] = None,
 ) -> None:
     """Write a stored checkpoint to a .pt or .safetensors file.
 
-    A .safetensors file needs a flat dict of tensors: pick one with --key.
+    A .safetensors file needs a flat dict of tensors: pick one with --key (the
+    refusal lists the keys that work).
 
-    Example: ckpt export pretrain@best -o encoder.safetensors --key model
+    Example: ckpt export pretrain@best -o encoder.safetensors --key model.encoder
 
     Exit status: 0 written, 1 the checkpoint is damaged, 2 bad reference or usage.
     """
@@ -463,16 +468,17 @@ def export(
             f"{target!r} is not RUN@REF (e.g. pretrain@best, pretrain@12)",
             param_hint="'RUN@REF'",
         )
-    check_suffix(output, "export to")
+    check_export_target(output)
     with _open_store(ctx) as store:
         run = store.get_run(name)
         info = run.resolve(ref)
         checkpoint = run.read_save(info.seq)
     what = f"save #{info.seq} of run {name!r}" + (f" key {key!r}" if key else "")
     size = write_checkpoint_file(
-        select_key(checkpoint, key, what=what),
+        checkpoint,
         output,
         what=what,
+        key=key,
         metadata={
             "ckpt_run": name,
             "ckpt_save": str(info.seq),
