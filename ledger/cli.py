@@ -63,6 +63,7 @@ class _NeverRaised(Exception):
 
 _NoArgsIsHelp: type[Exception] = getattr(_click, "NoArgsIsHelpError", _NeverRaised)
 
+_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)([smhd]?)")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -677,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         _say("interrupted")
-        return 130
+        return _INTERRUPTED
     except (CorruptBlobError, MissingBlobError) as exc:
         _say(str(exc))
         return 1
@@ -687,6 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for name in ("cas", "ledger"):
             logging.getLogger(name).removeHandler(handler)
+    if code == _INTERRUPTED:
+        # Typer turns a Ctrl-C inside a command into this status, silently.
+        _say("interrupted")
     return code if isinstance(code, int) else 0
 
 
