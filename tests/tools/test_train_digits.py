@@ -5,7 +5,9 @@ seconds. The kill test holds the ledger's write lock while it counts the saves
 and sends SIGKILL, so the training is always stopped mid-run, never after it.
 """
 
+import errno
 import fcntl
+import importlib.util
 import os
 import re
 import shutil
@@ -19,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import ledger
+from cas import BlobStoreIOError
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "train_digits.py"
 PRETRAIN_EPOCHS = 4
@@ -252,3 +255,29 @@ def _ckpt(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
         text=True,
         check=False,
     )
+
+
+def test_a_full_disk_ends_the_training_in_one_error_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = importlib.util.spec_from_file_location("train_digits", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_digits", script)
+    spec.loader.exec_module(script)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def write_fails(*args: object) -> None:
+        raise BlobStoreIOError("write", tmp_path / "store" / "tmp" / "x", full)
+
+    monkeypatch.setattr(script, "pretrain", write_fails)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+    code = script.main(["--store", str(tmp_path / "store")])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: could not write") and "No space left" in err
+    assert err.count("\n") == 1
