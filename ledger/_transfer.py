@@ -3,21 +3,25 @@ export a stored checkpoint as one.
 
 Import trusts nothing it has not hashed: the file is hashed before and after it
 is loaded and refused if it changed in between, and torch files are read with
-`weights_only=True` unless the caller explicitly trusts pickle. The cost is
-reading the file twice more than loading it alone would.
+`weights_only=True` unless the caller explicitly trusts pickle; numpy arrays of
+numbers are let through, object arrays are not. The cost is reading the file
+twice more than loading it alone would.
 """
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import pickle
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import blake3
+import numpy as np
 import torch
 
 from ledger._errors import LedgerError
@@ -28,6 +32,7 @@ SAFETENSORS_SUFFIX = ".safetensors"
 _READ_CHUNK = 1 << 20
 _GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 _UNPICKLER_DETAIL = re.compile(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)")
+_PARTIAL = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.partial")
 
 
 class CheckpointFileError(LedgerError, ValueError):
@@ -105,7 +110,8 @@ def _fingerprint(path: Path) -> tuple[int, int, int, str]:
 
 def _load_torch(path: Path, trust_pickle: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with _numeric_numpy_arrays():
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as exc:
         if trust_pickle:
             raise CheckpointFileError(
@@ -119,8 +125,28 @@ def _load_torch(path: Path, trust_pickle: bool) -> Any:
         ) from exc
     except (RuntimeError, EOFError, ValueError) as exc:
         raise CheckpointFileError(
-            f"{path} is not a readable torch checkpoint: {_one_line(exc)}"
+            f"{path} is not a readable torch checkpoint: {_reason(path, exc)}"
         ) from exc
+
+
+@contextlib.contextmanager
+def _numeric_numpy_arrays() -> Iterator[None]:
+    # torch documents loading numpy arrays weights-only by allowlisting their
+    # reconstruction, ndarray, dtype and the dtype's class. Only the classes of
+    # numeric and bool dtypes are allowed: an object array names ObjectDType,
+    # and its elements would be arbitrary pickles, so it stays refused.
+    # Before torch 2.5 (no safe_globals) and numpy 1.25 (no dtype classes, so
+    # object arrays could not be told apart) numpy arrays need full unpickling.
+    safe_globals = getattr(torch.serialization, "safe_globals", None)
+    codes = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
+    dtypes = {type(np.dtype(code)) for code in codes}
+    if safe_globals is None or np.dtype in dtypes:
+        yield
+        return
+    # The function numpy pickles arrays with; numpy 2 moved its module.
+    reconstruct = np.zeros(0).__reduce__()[0]
+    with safe_globals([reconstruct, np.ndarray, np.dtype, *dtypes]):
+        yield
 
 
 def _needs_pickle_message(path: Path, message: str) -> str:
@@ -146,7 +172,7 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         mapped = library.torch.load_file(path, device="cpu")
     except library.SafetensorError as exc:
         raise CheckpointFileError(
-            f"{path} is not a readable safetensors file: {_one_line(exc)}"
+            f"{path} is not a readable safetensors file: {_reason(path, exc)}"
         ) from exc
     # The tensors are views of a memory map of the file: copy them, so that
     # what is stored is what was hashed even if the file changes afterwards.
@@ -167,21 +193,47 @@ def _safetensors(path: Path, verb: str) -> Any:
 
 
 def select_key(checkpoint: Any, key: str | None, *, what: str) -> Any:
-    """The sub-structure `checkpoint[key]`, or the whole checkpoint without a key.
+    """The sub-structure at `key`, or the whole checkpoint without a key.
+
+    `key` is a dotted path into nested dicts (`model.encoder`); a dict key that
+    itself holds dots (`layer.0.weight`) is matched whole before it is split.
 
     Raises:
-        CheckpointFileError: the checkpoint is not a dict or has no such key.
+        CheckpointFileError: a level on the path is not a dict or lacks the key.
     """
     if key is None:
         return checkpoint
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointFileError(
-            f"{what} is a {type(checkpoint).__name__}, not a dict: drop --key"
-        )
-    if key not in checkpoint:
-        keys = ", ".join(repr(k) for k in list(checkpoint)[:20])
-        raise CheckpointFileError(f"{what} has no key {key!r} (keys: {keys})")
-    return checkpoint[key]
+    walked: list[str] = []
+    node, parts = checkpoint, key.split(".")
+    while parts:
+        if not isinstance(node, Mapping):
+            where = ".".join(walked) or "the checkpoint"
+            raise CheckpointFileError(
+                f"{what}: {where} is a {type(node).__name__}, not a dict, so it "
+                f"has no key {parts[0]!r}"
+            )
+        taken = _longest_key(node, parts)
+        if taken is None:
+            keys = ", ".join(repr(k) for k in list(node)[:20])
+            inside = f" in {'.'.join(walked)}" if walked else ""
+            raise CheckpointFileError(
+                f"{what} has no key {'.'.join(parts)!r}{inside} (keys: {keys})"
+            )
+        found, used = taken
+        node, walked, parts = node[found], [*walked, *parts[:used]], parts[used:]
+    return node
+
+
+def _longest_key(node: Mapping[Any, Any], parts: list[str]) -> tuple[Any, int] | None:
+    # The key and how many dotted parts it spans; int keys (an optimizer's
+    # state, a list of layers saved as a dict) are written as their digits.
+    for used in range(len(parts), 0, -1):
+        text = ".".join(parts[:used])
+        if text in node:
+            return text, used
+        if text.isdigit() and int(text) in node:
+            return int(text), used
+    return None
 
 
 def write_checkpoint_file(
@@ -189,28 +241,34 @@ def write_checkpoint_file(
     path: str | os.PathLike[str],
     *,
     what: str,
+    key: str | None = None,
     metadata: Mapping[str, str] | None = None,
 ) -> int:
-    """Write a checkpoint as a torch (.pt, .pth, .ckpt) or .safetensors file.
+    """Write a checkpoint, or its part at `key`, as a torch (.pt, .pth, .ckpt)
+    or .safetensors file.
 
-    The file appears under its name only once complete (temp file and rename).
+    `key` is a dotted path into nested dicts, as for `select_key`. The file
+    appears under its name only once complete (temp file and rename); partial
+    files left by dead writers of the same target are removed first.
     Returns the file's size in bytes.
 
     Raises:
-        CheckpointFileError: an unknown suffix, or a checkpoint that is not a
-            flat dict of tensors for .safetensors.
+        CheckpointFileError: an unknown suffix, a missing directory, a bad key,
+            or a part that is not a flat dict of tensors for .safetensors.
         OSError: the file cannot be written.
     """
     target = Path(path)
-    suffix = check_suffix(target, "export to")
-    tensors = _flat_tensors(checkpoint, what) if suffix == SAFETENSORS_SUFFIX else None
+    suffix = check_export_target(target)
+    part = select_key(checkpoint, key, what=what)
+    tensors = _flat_tensors(part, what, key) if suffix == SAFETENSORS_SUFFIX else None
+    _remove_stale_partials(target)
     partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     try:
         if tensors is not None:
             library = _safetensors(target, "export to")
             library.torch.save_file(tensors, partial, metadata=dict(metadata or {}))
         else:
-            torch.save(checkpoint, partial)
+            torch.save(part, partial)
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -218,25 +276,66 @@ def write_checkpoint_file(
     return target.stat().st_size
 
 
-def _flat_tensors(checkpoint: Any, what: str) -> dict[str, torch.Tensor]:
+def check_export_target(path: str | os.PathLike[str]) -> str:
+    """The suffix of a file to export to, once it is known to be writable there.
+
+    Raises:
+        CheckpointFileError: an unknown suffix, or a directory that does not exist.
+    """
+    target = Path(path)
+    suffix = check_suffix(target, "export to")
+    if not target.parent.is_dir():
+        raise CheckpointFileError(
+            f"cannot export to {target}: directory {target.parent} does not exist; "
+            "create it first"
+        )
+    return suffix
+
+
+def _remove_stale_partials(target: Path) -> None:
+    # A writer killed mid-export leaves its hidden partial file behind; one
+    # whose process is gone will never be finished. Another process may reuse
+    # that pid: its partial then stays until a later export finds it dead.
+    for partial in target.parent.glob(f".{glob.escape(target.name)}.*.partial"):
+        named = _PARTIAL.fullmatch(partial.name)
+        if named is None or named["name"] != target.name:
+            continue
+        if not _is_alive(int(named["pid"])):
+            partial.unlink(missing_ok=True)
+
+
+def _is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    except OverflowError:
+        return False
+    return True
+
+
+def _flat_tensors(
+    checkpoint: Any, what: str, key: str | None
+) -> dict[str, torch.Tensor]:
     if not isinstance(checkpoint, Mapping):
         raise CheckpointFileError(
             f"{what} is a {type(checkpoint).__name__}, not a dict of tensors: "
             "export it as .pt"
         )
-    not_tensor = [
-        k
-        for k, v in checkpoint.items()
-        if not isinstance(k, str) or not isinstance(v, torch.Tensor)
-    ]
-    if not_tensor:
-        subdicts = [k for k, v in checkpoint.items() if isinstance(v, Mapping)]
+    if not _is_flat(checkpoint):
+        first = next(
+            k
+            for k, v in checkpoint.items()
+            if not isinstance(k, str) or not isinstance(v, torch.Tensor)
+        )
+        found = _flat_parts(checkpoint, key or "")
         hint = (
-            f"export one sub-dict with --key {subdicts[0]}"
-            if subdicts
+            f"export one of its flat parts with --key {', --key '.join(found)}"
+            if found
             else "export it as .pt"
         )
-        first = not_tensor[0]
         raise CheckpointFileError(
             f"{what} is not a flat dict of tensors ({first!r} holds a "
             f"{type(checkpoint[first]).__name__}): {hint}"
@@ -256,5 +355,37 @@ def _flat_tensors(checkpoint: Any, what: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def _is_flat(node: Mapping[Any, Any]) -> bool:
+    return all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in node.items()
+    )
+
+
+def _flat_parts(
+    checkpoint: Mapping[Any, Any], prefix: str, limit: int = 3
+) -> list[str]:
+    # Breadth first, so the shallowest parts (model.encoder) come before the
+    # deep ones (optimizer.state.0); each is a path `select_key` accepts.
+    found: list[str] = []
+    queue = [(prefix, checkpoint)]
+    while queue and len(found) < limit:
+        path, node = queue.pop(0)
+        for k, v in node.items():
+            if isinstance(v, Mapping) and isinstance(k, (str, int)):
+                child = f"{path}.{k}" if path else str(k)
+                if v and _is_flat(v):
+                    found.append(child)
+                else:
+                    queue.append((child, v))
+    return found[:limit]
+
+
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _reason(path: Path, exc: BaseException) -> str:
+    # Loaders fail on an empty file with an empty message (EOFError).
+    if path.stat().st_size == 0:
+        return "the file is empty"
+    return _one_line(exc) or type(exc).__name__

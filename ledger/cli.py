@@ -35,9 +35,9 @@ from ledger._policies import check_metrics
 from ledger._replay import RunState
 from ledger._store import Store, default_store_path
 from ledger._transfer import (
+    check_export_target,
     check_suffix,
     read_checkpoint_file,
-    select_key,
     write_checkpoint_file,
 )
 
@@ -63,6 +63,7 @@ class _NeverRaised(Exception):
 
 _NoArgsIsHelp: type[Exception] = getattr(_click, "NoArgsIsHelpError", _NeverRaised)
 
+_INTERRUPTED = 130  # the shell's status for a process ended by SIGINT
 _DURATION = re.compile(r"(\d+(?:\.\d*)?)([smhd]?)")
 _SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -446,14 +447,19 @@ def export(
     ],
     key: Annotated[
         str | None,
-        typer.Option("--key", help="Export only this top-level key, e.g. model."),
+        typer.Option(
+            "--key",
+            help="Export only this part: a key, or a dotted path such as "
+            "model.encoder.",
+        ),
     ] = None,
 ) -> None:
     """Write a stored checkpoint to a .pt or .safetensors file.
 
-    A .safetensors file needs a flat dict of tensors: pick one with --key.
+    A .safetensors file needs a flat dict of tensors: pick one with --key (the
+    refusal lists the keys that work).
 
-    Example: ckpt export pretrain@best -o encoder.safetensors --key model
+    Example: ckpt export pretrain@best -o encoder.safetensors --key model.encoder
 
     Exit status: 0 written, 1 the checkpoint is damaged, 2 bad reference or usage.
     """
@@ -463,16 +469,17 @@ def export(
             f"{target!r} is not RUN@REF (e.g. pretrain@best, pretrain@12)",
             param_hint="'RUN@REF'",
         )
-    check_suffix(output, "export to")
+    check_export_target(output)
     with _open_store(ctx) as store:
         run = store.get_run(name)
         info = run.resolve(ref)
         checkpoint = run.read_save(info.seq)
     what = f"save #{info.seq} of run {name!r}" + (f" key {key!r}" if key else "")
     size = write_checkpoint_file(
-        select_key(checkpoint, key, what=what),
+        checkpoint,
         output,
         what=what,
+        key=key,
         metadata={
             "ckpt_run": name,
             "ckpt_save": str(info.seq),
@@ -671,7 +678,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except (typer.Abort, KeyboardInterrupt):
         _say("interrupted")
-        return 130
+        return _INTERRUPTED
     except (CorruptBlobError, MissingBlobError) as exc:
         _say(str(exc))
         return 1
@@ -681,6 +688,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         for name in ("cas", "ledger"):
             logging.getLogger(name).removeHandler(handler)
+    if code == _INTERRUPTED:
+        # Typer turns a Ctrl-C inside a command into this status, silently.
+        _say("interrupted")
     return code if isinstance(code, int) else 0
 
 

@@ -26,7 +26,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import ledger
-from cas import hash_bytes
+from cas import CasError, hash_bytes
 
 console = Console(highlight=False, soft_wrap=True)
 
@@ -134,10 +134,21 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 
 def rng_states() -> dict[str, Any]:
-    """The global generators of torch, numpy and Python, for the checkpoint."""
+    """The global generators of torch, numpy and Python, for the checkpoint.
+
+    numpy's state is kept as a tensor and plain numbers, not as numpy arrays,
+    so that an exported .pt of the checkpoint loads with plain `torch.load`.
+    """
+    numpy_state = np.random.get_state(legacy=False)
     return {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {
+            **numpy_state,
+            "state": {
+                "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                "pos": numpy_state["state"]["pos"],
+            },
+        },
         "python": random.getstate(),
     }
 
@@ -151,8 +162,13 @@ def seed_rng_states(seed: int) -> None:
 
 
 def restore_rng_states(states: dict[str, Any]) -> None:
+    numpy_state = states["numpy"]
+    if isinstance(numpy_state, dict):
+        key = numpy_state["state"]["key"].numpy().astype(np.uint32)
+        numpy_state = {**numpy_state, "state": {**numpy_state["state"], "key": key}}
+    # Otherwise numpy's legacy tuple, as checkpoints before the tensor form held.
     torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
+    np.random.set_state(numpy_state)
     random.setstate(states["python"])
 
 
@@ -433,6 +449,17 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
 
+def _seed(text: str) -> int:
+    # numpy seeds only take 0 .. 2**32 - 1; check before anything is written.
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= seed <= 2**32 - 1:
+        raise argparse.ArgumentTypeError(f"{seed} is not in 0 .. {2**32 - 1}")
+    return seed
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Pre-train a digits encoder (contrastive, best by RankMe), then "
@@ -442,7 +469,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--store", default=None, help="store directory (default $CKPT_STORE or .ckpt)"
     )
-    parser.add_argument("--seed", type=int, default=Recipe.seed)
+    parser.add_argument(
+        "--seed", type=_seed, default=Recipe.seed, help="0 .. 2**32-1 (default 0)"
+    )
     parser.add_argument("--pretrain-epochs", type=int, default=Recipe.pretrain_epochs)
     parser.add_argument("--warmup-epochs", type=int, default=Recipe.warmup_epochs)
     parser.add_argument(
@@ -469,8 +498,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         pretrain_epochs=args.pretrain_epochs,
         warmup_epochs=args.warmup_epochs,
     )
-    data = load_data(recipe.seed)
     try:
+        data = load_data(recipe.seed)
         with ledger.Store(args.store) as store:
             pretrained = pretrain(store, f"{args.run_prefix}-pretrain", recipe, data)
             tuned = finetune(
@@ -489,9 +518,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    except ledger.LedgerError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except (ledger.LedgerError, CasError, OSError) as exc:
+        # A full disk, a damaged checkpoint, a store that cannot be opened.
+        print(
+            f"error: {' '.join(str(exc).split()) or type(exc).__name__}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

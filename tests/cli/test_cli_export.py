@@ -2,6 +2,7 @@
 and refusals that leave no file behind."""
 
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -212,3 +213,110 @@ def test_export_safetensors_without_the_library_says_how_to_install_it(
     assert is_one_line_error(result.err)
     assert "pip install safetensors" in result.err
     assert list(tmp_path.glob("*ft.safetensors*")) == []
+
+
+@pytest.mark.parametrize("name", ["x.pt", "x.safetensors"])
+def test_export_into_a_missing_directory_is_one_line_naming_it_with_exit_2(
+    ckpt: Callable[..., Any],
+    filled_store: Path,
+    tmp_path: Path,
+    is_one_line_error: Callable[[str], bool],
+    name: str,
+) -> None:
+    out = tmp_path / "nonexistent" / "dir" / name
+
+    result = ckpt("export", "ft@final", "-o", str(out))
+
+    assert result.code == 2
+    assert is_one_line_error(result.err)
+    assert f"{out.parent} does not exist" in result.err
+
+
+def test_export_removes_partials_of_its_target_left_by_dead_writers(
+    ckpt: Callable[..., Any], filled_store: Path, tmp_path: Path
+) -> None:
+    dead_pid = _pid_of_a_finished_process()
+    stale = tmp_path / f".keep.pt.{dead_pid}.partial"
+    other_target = tmp_path / f".other.pt.{dead_pid}.partial"
+    live_writer = tmp_path / f".keep.pt.{os.getppid()}.partial"
+    for path in (stale, other_target, live_writer):
+        path.write_bytes(b"half a checkpoint")
+
+    result = ckpt("export", "ft@final", "-o", str(tmp_path / "keep.pt"))
+
+    assert result.code == 0
+    assert not stale.exists()
+    assert other_target.exists() and live_writer.exists()
+
+
+def _pid_of_a_finished_process() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_export_key_takes_a_dotted_path_into_nested_dicts(
+    ckpt: Callable[..., Any], store_path: Path, tmp_path: Path
+) -> None:
+    encoder = {"0.weight": torch.ones(2, 2), "0.bias": torch.zeros(2)}
+    checkpoint = {"model": {"encoder": encoder, "head": {"w": torch.ones(1)}}}
+    with Store(store_path) as store:
+        store.run("nested").save(checkpoint, epoch=1)
+    out = tmp_path / "encoder.safetensors"
+
+    result = ckpt("export", "nested@last", "-o", str(out), "--key", "model.encoder")
+
+    assert result.code == 0
+    loaded = load_file(out)
+    _assert_same({k: loaded[k] for k in encoder}, encoder)
+
+
+def test_export_key_matches_a_dict_key_that_holds_dots_whole(
+    ckpt: Callable[..., Any], store_path: Path, tmp_path: Path
+) -> None:
+    checkpoint = {"state": {"layer.0": {"w": torch.ones(3)}}}
+    with Store(store_path) as store:
+        store.run("dots").save(checkpoint, epoch=1)
+    out = tmp_path / "layer.safetensors"
+
+    result = ckpt("export", "dots@last", "-o", str(out), "--key", "state.layer.0")
+
+    assert result.code == 0
+    _assert_same(load_file(out), {"w": torch.ones(3)})
+
+
+def test_safetensors_refusal_hints_keys_that_export_the_nested_parts(
+    ckpt: Callable[..., Any],
+    store_path: Path,
+    tmp_path: Path,
+    is_one_line_error: Callable[[str], bool],
+) -> None:
+    encoder = {"w": torch.ones(2)}
+    checkpoint = {"model": {"encoder": encoder, "projector": {"w": torch.zeros(2)}}}
+    with Store(store_path) as store:
+        store.run("nested").save({**checkpoint, "epoch": 3}, epoch=1)
+    out = tmp_path / "m.safetensors"
+
+    refused = ckpt("export", "nested@last", "-o", str(out), "--key", "model")
+    hinted = refused.err.split("--key ")[1].split(",")[0].strip()
+    result = ckpt("export", "nested@last", "-o", str(out), "--key", hinted)
+
+    assert refused.code == 2 and is_one_line_error(refused.err)
+    assert "--key model.encoder, --key model.projector" in refused.err
+    assert result.code == 0
+    _assert_same(load_file(out), encoder)
+
+
+def test_export_key_through_a_non_dict_names_where_the_path_stops(
+    ckpt: Callable[..., Any],
+    filled_store: Path,
+    tmp_path: Path,
+    is_one_line_error: Callable[[str], bool],
+) -> None:
+    out = tmp_path / "x.pt"
+
+    result = ckpt("export", "pre@last", "-o", str(out), "--key", "epoch.x")
+
+    assert result.code == 2
+    assert is_one_line_error(result.err)
+    assert "epoch is a int, not a dict" in result.err

@@ -128,8 +128,11 @@ def test_c14_trust_pickle_still_refuses_what_the_codec_cannot_store(
 def test_c14_trust_pickle_accepts_a_file_the_codec_can_store(
     ckpt: Callable[..., Any], existing_store: Path, tmp_path: Path
 ) -> None:
+    # A numpy scalar (not an array) is pickled through numpy's `scalar`, which
+    # weights-only loading does not allow.
     theirs = tmp_path / "arrays.pt"
-    torch.save({"table": np.arange(6, dtype=np.int32).reshape(2, 3)}, theirs)
+    table = np.arange(6, dtype=np.int32).reshape(2, 3)
+    torch.save({"table": table, "lr": np.float64(0.5)}, theirs)
     refused = ckpt("import", str(theirs), "--run", "arr", "--epoch", "1")
 
     result = ckpt(
@@ -138,9 +141,10 @@ def test_c14_trust_pickle_accepts_a_file_the_codec_can_store(
 
     assert refused.code == 2 and "--trust-pickle" in refused.err
     assert result.code == 0
-    table = _load(existing_store, "arr")["table"]
-    assert table.dtype == np.int32
-    assert np.array_equal(table, np.arange(6).reshape(2, 3))
+    loaded = _load(existing_store, "arr")
+    assert loaded["table"].dtype == np.int32
+    assert np.array_equal(loaded["table"], table)
+    assert loaded["lr"] == 0.5
 
 
 def test_import_of_a_safetensors_file_stores_its_tensors(
@@ -285,3 +289,59 @@ def test_import_prints_the_source_files_blake3(
     result = ckpt("import", str(theirs), "--run", "r", "--epoch", "1")
 
     assert f"blake3 {blake3.blake3(theirs.read_bytes()).hexdigest()}" in result.out
+
+
+@pytest.mark.parametrize("name", ["empty.pt", "empty.safetensors"])
+def test_import_of_an_empty_file_says_the_file_is_empty(
+    ckpt: Callable[..., Any],
+    existing_store: Path,
+    tmp_path: Path,
+    is_one_line_error: Callable[[str], bool],
+    name: str,
+) -> None:
+    empty = tmp_path / name
+    empty.write_bytes(b"")
+
+    result = ckpt("import", str(empty), "--run", "mine", "--epoch", "2")
+
+    assert result.code == 2
+    assert is_one_line_error(result.err)
+    assert f"{name} is not a readable" in result.err
+    assert result.err.rstrip().endswith(": the file is empty")
+
+
+def test_import_of_numeric_numpy_arrays_needs_no_trust_pickle(
+    ckpt: Callable[..., Any], store_path: Path, tmp_path: Path
+) -> None:
+    rng = np.random.RandomState(3).get_state()
+    theirs = tmp_path / "with_numpy.pt"
+    torch.save(
+        {"rng": rng, "mask": np.array([True, False]), "w": torch.ones(2)}, theirs
+    )
+
+    result = ckpt("import", str(theirs), "--run", "np", "--epoch", "1")
+
+    assert result.code == 0, result.err
+    loaded = _load(store_path, "np")
+    assert loaded["rng"][0] == "MT19937"
+    assert loaded["rng"][1].dtype == np.uint32
+    assert np.array_equal(loaded["rng"][1], rng[1])
+    assert loaded["mask"].tolist() == [True, False]
+
+
+def test_import_of_a_numpy_object_array_still_needs_trust_pickle(
+    ckpt: Callable[..., Any],
+    existing_store: Path,
+    tmp_path: Path,
+    is_one_line_error: Callable[[str], bool],
+) -> None:
+    theirs = tmp_path / "objects.pt"
+    torch.save({"objects": np.array([1, "two"], dtype=object)}, theirs)
+    before = _snapshot(existing_store)
+
+    result = ckpt("import", str(theirs), "--run", "mine", "--epoch", "2")
+
+    assert result.code == 2
+    assert is_one_line_error(result.err)
+    assert "ObjectDType" in result.err and "--trust-pickle" in result.err
+    assert _snapshot(existing_store) == before

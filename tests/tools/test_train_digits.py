@@ -5,9 +5,12 @@ seconds. The kill test holds the ledger's write lock while it counts the saves
 and sends SIGKILL, so the training is always stopped mid-run, never after it.
 """
 
+import errno
 import fcntl
+import importlib.util
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -15,8 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import ledger
+from cas import BlobStoreIOError
 
 SCRIPT = Path(__file__).resolve().parents[2] / "tools" / "train_digits.py"
 PRETRAIN_EPOCHS = 4
@@ -168,3 +173,111 @@ def test_training_killed_mid_run_resumes_and_matches_an_uninterrupted_run(
     assert _saves(store, FINETUNE) == _saves(reference, FINETUNE)
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
     assert _accuracy(output) == _accuracy(reference_output)
+
+
+def test_exported_training_checkpoint_loads_with_plain_torch_load(
+    uninterrupted: tuple[Path, str], tmp_path: Path
+) -> None:
+    store, _ = uninterrupted
+    out = tmp_path / "last.pt"
+
+    exported = _ckpt(store, "export", f"{PRETRAIN}@last", "-o", str(out))
+    reimported = _ckpt(
+        tmp_path / "other", "import", str(out), "--run", "back", "--epoch", "4"
+    )
+
+    assert exported.returncode == 0, exported.stderr
+    assert torch.load(out)["rng"]["numpy"]["bit_generator"] == "MT19937"
+    assert reimported.returncode == 0, reimported.stderr
+
+
+def test_training_model_exports_to_safetensors_with_the_key_the_refusal_hints(
+    uninterrupted: tuple[Path, str], tmp_path: Path
+) -> None:
+    store, _ = uninterrupted
+    out = tmp_path / "encoder.safetensors"
+    refused = _ckpt(store, "export", f"{PRETRAIN}@best", "-o", str(out))
+    hinted = refused.stderr.split("--key ")[1].split(",")[0].strip()
+
+    exported = _ckpt(
+        store, "export", f"{PRETRAIN}@best", "-o", str(out), "--key", hinted
+    )
+
+    assert refused.returncode == 2 and hinted == "model.encoder"
+    assert exported.returncode == 0, exported.stderr
+    assert len(load_file(out)) == 6
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "seven"])
+def test_a_seed_numpy_cannot_take_is_an_argument_error(
+    tmp_path: Path, seed: str
+) -> None:
+    command = [sys.executable, str(SCRIPT), "--store", str(tmp_path / "s")]
+
+    done = subprocess.run(
+        [*command, "--seed", seed], capture_output=True, text=True, check=False
+    )
+
+    assert done.returncode == 2
+    assert "argument --seed" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_damaged_checkpoint_ends_the_training_in_one_error_line(
+    uninterrupted: tuple[Path, str], tmp_path: Path
+) -> None:
+    store = tmp_path / "store"
+    shutil.copytree(uninterrupted[0], store)
+    for blob in (store / "blobs").rglob("*"):
+        if blob.is_file():
+            blob.chmod(0o644)
+            blob.write_bytes(b"damaged")
+
+    done = subprocess.run(
+        _command(store),
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+    assert done.returncode == 1
+    assert done.stderr.startswith("error: blob ") and "corrupt" in done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+
+
+def _ckpt(store: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "_ckpt_entry", "--store", str(store), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+
+
+def test_a_full_disk_ends_the_training_in_one_error_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = importlib.util.spec_from_file_location("train_digits", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "train_digits", script)
+    spec.loader.exec_module(script)
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def write_fails(*args: object) -> None:
+        raise BlobStoreIOError("write", tmp_path / "store" / "tmp" / "x", full)
+
+    monkeypatch.setattr(script, "pretrain", write_fails)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+
+    code = script.main(["--store", str(tmp_path / "store")])
+
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("error: could not write") and "No space left" in err
+    assert err.count("\n") == 1
