@@ -11,8 +11,9 @@ from __future__ import annotations
 import _pickle
 import pickle
 import struct
+import sys
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -402,3 +403,58 @@ def test_load_never_calls_pickle_or_torch_load(
     assert_same(checkpoint, loaded)
     assert resumed is not None
     assert_same(checkpoint, resumed.state)
+
+
+def _call_with_few_frames_left(free: int, fn: Callable[[], Any]) -> Any:
+    # Recurse until only `free` frames of the recursion limit remain, then call.
+    depth = 0
+    frame = sys._getframe()
+    while frame is not None:
+        depth += 1
+        frame = frame.f_back
+
+    def dive(n: int) -> Any:
+        return fn() if n <= 0 else dive(n - 1)
+
+    return dive(sys.getrecursionlimit() - depth - free)
+
+
+NESTINGS = {
+    "dicts": lambda x: {"k": x},
+    "lists": lambda x: [x],
+    "tuples": lambda x: (x,),
+    "ordered dicts": lambda x: OrderedDict(k=x),
+    "mixed": lambda x: ({"k": x},),
+}
+
+
+@pytest.mark.parametrize("wrap", NESTINGS.values(), ids=NESTINGS.keys())
+def test_containers_nested_100_deep_load_even_from_deep_in_the_call_stack(
+    tmp_path: Path, wrap: Callable[[Any], Any]
+) -> None:
+    checkpoint: Any = torch.arange(3)
+    while _depth(checkpoint) < 100:
+        checkpoint = wrap(checkpoint)
+    store = Store(tmp_path / "store")
+    run = store.run("deep")
+    run.save(checkpoint, epoch=1)
+
+    loaded = _call_with_few_frames_left(80, lambda: run.load("last"))
+
+    assert _depth(loaded) == 100
+    assert _innermost(loaded).tolist() == [0, 1, 2]
+    store.close()
+
+
+def _depth(node: Any) -> int:
+    depth = 0
+    while isinstance(node, (dict, list, tuple)):
+        node = next(iter(node.values())) if isinstance(node, dict) else node[0]
+        depth += 1
+    return depth
+
+
+def _innermost(node: Any) -> Any:
+    while isinstance(node, (dict, list, tuple)):
+        node = next(iter(node.values())) if isinstance(node, dict) else node[0]
+    return node
