@@ -233,16 +233,29 @@ class BlobStore:
         self, fd: int, view: memoryview, start: int, digest: str, hasher: Hasher
     ) -> None:
         # Each piece is copied before it is hashed and written, so the hash is
-        # of the very bytes the OS received; the copy is bounded by _STAGING.
+        # of the very bytes the OS received. A large rest (no O_DIRECT here)
+        # reuses a staging buffer, whose pages are already mapped.
+        left = view.nbytes - start
+        if not left:
+            return
+        staging = self._take_staging() if left >= _DIRECT_MIN else None
+        buffer = memoryview(staging if staging is not None else bytearray(left))
         pos = start
-        while pos < view.nbytes:
-            piece = bytes(view[pos : pos + _STAGING])
-            hasher.update(piece)
-            done = 0
-            while done < len(piece):
-                done += os.write(fd, memoryview(piece)[done:])
-            self._wrote(digest, pos, pos + done, view.nbytes)
-            pos += done
+        try:
+            while pos < view.nbytes:
+                size = min(_STAGING, view.nbytes - pos)
+                piece = buffer[:size]
+                piece[:] = view[pos : pos + size]
+                hasher.update(piece)
+                done = 0
+                while done < size:
+                    done += os.write(fd, piece[done:])
+                self._wrote(digest, pos, pos + size, view.nbytes)
+                pos += size
+        finally:
+            buffer.release()
+            if staging is not None:
+                self._give_staging(staging)
 
     def _write_direct(
         self, fd: int, view: memoryview, digest: str, hasher: Hasher

@@ -84,8 +84,12 @@ def test_put_refuses_bytes_that_do_not_hash_to_the_given_digest(store):
     assert os.listdir(store.tmp_dir) == []
 
 
-@pytest.mark.parametrize("size", [100, 3 << 20], ids=["small", "large"])
-def test_put_refuses_a_buffer_changed_between_hashing_and_writing(size):
+@pytest.mark.parametrize(
+    ("size", "direct"),
+    [(100, True), (3 << 20, True), ((3 << 20) + 5, False)],
+    ids=["small", "large", "large-without-o-direct"],
+)
+def test_put_refuses_a_buffer_changed_between_hashing_and_writing(size, direct):
     # The hook runs once the temp file is open, after the digest was taken:
     # the moment another thread may still be updating a tensor.
     array = np.zeros(size, dtype=np.uint8)
@@ -97,6 +101,7 @@ def test_put_refuses_a_buffer_changed_between_hashing_and_writing(size):
 
     with tempfile.TemporaryDirectory() as root:
         store = BlobStore(root, hook=mutate)
+        store._direct_ok = direct  # as on a filesystem that refuses O_DIRECT
 
         with pytest.raises(DigestMismatchError, match="changed while being written"):
             store.put(array, digest=digest)
