@@ -94,7 +94,7 @@ def encode(obj: Any) -> Encoded:
             (`optimizer.state.3.foo`); nothing has been written anywhere.
     """
     encoder = _Encoder()
-    root = encoder.value(obj, "")
+    root = encoder.walk(obj)
     manifest = msgpack.packb({"format": FORMAT_VERSION, "root": root})
     return Encoded(manifest=manifest, blobs=encoder.blobs)
 
@@ -104,7 +104,49 @@ class _Encoder:
         self.blobs: dict[str, memoryview] = {}
         self.ties: dict[tuple[Any, ...], int] = {}
         self.tie_refs: dict[int, list[Any]] = {}
-        self.depth = 0
+
+    def walk(self, root: Any) -> Any:
+        # A task stack rather than recursion, so the caller's stack depth does
+        # not decide what saves. A task fills slot `key` of `into`; a callable
+        # task packs a tuple or OrderedDict once its children are encoded.
+        top: list[Any] = [None]
+        tasks: list[Any] = [(root, "", 1, top, 0)]
+        while tasks:
+            task = tasks.pop()
+            if callable(task):
+                task()
+                continue
+            obj, path, depth, into, key = task
+            kind = type(obj)
+            if kind not in _CONTAINERS:
+                into[key] = self.value(obj, path)
+                continue
+            if depth > _MAX_NESTING:
+                raise UnsupportedTypeError(
+                    path,
+                    f"containers nested more than {_MAX_NESTING} deep",
+                    "flatten the structure (one that contains itself never ends)",
+                )
+            if kind is list or kind is tuple:
+                out: Any = [None] * len(obj)
+                children = list(enumerate(obj))
+            else:
+                out = dict.fromkeys(_check_key(k, path) for k in obj)
+                children = list(obj.items())
+            if kind is tuple:
+                tasks.append(partial(_pack_tuple, into, key, out))
+            elif kind is OrderedDict:
+                meta: list[Any] = [None]
+                tasks.append(partial(_pack_odict, into, key, out, meta))
+                if getattr(obj, "_metadata", None):
+                    tasks.append(
+                        (obj._metadata, _join(path, "_metadata"), depth + 1, meta, 0)
+                    )
+            else:
+                into[key] = out
+            for child_key, child in reversed(children):
+                tasks.append((child, _join(path, child_key), depth + 1, out, child_key))
+        return top[0]
 
     def value(self, obj: Any, path: str) -> Any:
         kind = type(obj)
@@ -115,11 +157,6 @@ class _Encoder:
         if kind is int:
             _check_int(obj, path)
             return obj
-        if kind in _CONTAINERS:
-            self.enter(path)
-            out = self.container(obj, path)
-            self.depth -= 1
-            return out
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, path)
         if kind is np.ndarray:
@@ -127,45 +164,6 @@ class _Encoder:
         if isinstance(obj, np.generic) and obj.dtype.kind in _NUMPY_KINDS:
             return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
         raise UnsupportedTypeError(path, _type_name(obj))
-
-    def enter(self, path: str) -> None:
-        self.depth += 1
-        if self.depth > _MAX_NESTING:
-            raise UnsupportedTypeError(
-                path,
-                f"containers nested more than {_MAX_NESTING} deep",
-                "flatten the structure (one that contains itself never ends)",
-            )
-
-    def container(self, obj: Any, path: str) -> Any:
-        kind = type(obj)
-        if kind is dict:
-            return self.mapping(obj, path)
-        if kind is list:
-            return [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
-        if kind is tuple:
-            items = [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
-            return msgpack.ExtType(_EXT_TUPLE, _pack(items))
-        meta = getattr(obj, "_metadata", None)
-        meta_enc = self.value(meta, _join(path, "_metadata")) if meta else None
-        payload = _pack([self.mapping(obj, path), meta_enc])
-        return msgpack.ExtType(_EXT_ODICT, payload)
-
-    def mapping(self, obj: dict[Any, Any], path: str) -> dict[Any, Any]:
-        out = {}
-        for key, val in obj.items():
-            if type(key) not in (str, int):
-                raise UnsupportedTypeError(
-                    _join(path, repr(key)),
-                    f"dict key of type {_type_name(key)}",
-                    "dict keys must be str or int",
-                )
-            if type(key) is int:
-                _check_int(key, _join(path, key))
-            else:
-                _check_str(key, _join(path, repr(key)))
-            out[key] = self.value(val, _join(path, key))
-        return out
 
     def tensor(self, t: torch.Tensor, path: str) -> msgpack.ExtType:
         # Quantized and nested tensors keep state beyond one block of bytes
@@ -224,6 +222,28 @@ class _Encoder:
         self.blobs.setdefault(digest, data)
         ref = ["numpy", digest, arr.dtype.str, list(arr.shape), data.nbytes, None]
         return msgpack.ExtType(_EXT_NUMPY, _pack(ref))
+
+
+def _check_key(key: Any, path: str) -> Any:
+    if type(key) is int:
+        _check_int(key, _join(path, key))
+    elif type(key) is str:
+        _check_str(key, _join(path, repr(key)))
+    else:
+        raise UnsupportedTypeError(
+            _join(path, repr(key)),
+            f"dict key of type {_type_name(key)}",
+            "dict keys must be str or int",
+        )
+    return key
+
+
+def _pack_tuple(into: Any, key: Any, items: list[Any]) -> None:
+    into[key] = msgpack.ExtType(_EXT_TUPLE, _pack(items))
+
+
+def _pack_odict(into: Any, key: Any, items: dict[Any, Any], meta: list[Any]) -> None:
+    into[key] = msgpack.ExtType(_EXT_ODICT, _pack([items, meta[0]]))
 
 
 def _check_int(value: int, path: str) -> None:
