@@ -8,7 +8,10 @@ callers that write many blobs batch the directory fsyncs with `sync_dirs`.
 Large blobs are written with O_DIRECT through a small reused aligned buffer,
 which skips the page cache (and its cost on a VM) at the price of one memory
 copy. Presence is judged by size, never by the mere existence of a file, so a
-truncated blob is rewritten rather than trusted.
+truncated blob is rewritten rather than trusted. Every write hashes the bytes
+it hands the OS and refuses a mismatch with the name, so neither a wrong digest
+nor a buffer changed mid-write is stored; the cost is one more hash pass, over
+bytes still in cache (the small pieces are copied first, for the same reason).
 """
 
 from __future__ import annotations
