@@ -23,7 +23,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger import Run, Store
+from ledger import Run, Store, UnsupportedTypeError
+from ledger._codec import build, decode_manifest, encode
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 
@@ -458,3 +459,32 @@ def _innermost(node: Any) -> Any:
     while isinstance(node, (dict, list, tuple)):
         node = next(iter(node.values())) if isinstance(node, dict) else node[0]
     return node
+
+
+def _wrapped(wraps: list[Callable[[Any], Any]]) -> Any:
+    node: Any = "leaf"
+    for wrap in wraps:
+        node = wrap(node)
+    return node
+
+
+@given(wraps=st.lists(st.sampled_from(list(NESTINGS.values())[:4]), max_size=100))
+def test_any_nesting_within_100_deep_round_trips_through_the_manifest(
+    wraps: list[Callable[[Any], Any]],
+) -> None:
+    checkpoint = _wrapped(wraps)
+
+    root, refs = decode_manifest(encode(checkpoint).manifest)
+
+    assert build(root, refs, lambda ref: bytearray()) == checkpoint
+    assert _depth(root) == len(wraps)
+
+
+@given(wraps=st.lists(st.sampled_from(list(NESTINGS.values())[:4]), min_size=101))
+def test_any_nesting_deeper_than_100_is_refused_at_save(
+    wraps: list[Callable[[Any], Any]],
+) -> None:
+    checkpoint = _wrapped(wraps)
+
+    with pytest.raises(UnsupportedTypeError, match="nested more than 100 deep"):
+        encode(checkpoint)
