@@ -1,12 +1,19 @@
 """Reading blobs: every read is hash-checked, and damage is named, not returned."""
 
+import errno
 import os
 import stat
 
 import numpy as np
 import pytest
 
-from cas import CasError, CorruptBlobError, MissingBlobError, UnreadableBlobError
+from cas import (
+    CasError,
+    CorruptBlobError,
+    MissingBlobError,
+    UnreadableBlobError,
+    _blobstore,
+)
 
 DATA = bytes(range(256)) * 40
 
@@ -211,3 +218,20 @@ def test_verify_all_reports_a_blob_the_os_cannot_read(store):
 
     assert [p.digest for p in problems] == [digest]
     assert store.get(sound) == b"sound"
+
+
+def test_an_io_error_while_reading_a_blob_names_the_blob_and_the_os_reason(
+    store, monkeypatch
+):
+    digest = store.put(DATA).digest
+
+    def failing_open(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_blobstore, "open", failing_open, raising=False)
+
+    with pytest.raises(UnreadableBlobError, match="Input/output error") as caught:
+        store.get(digest)
+
+    assert caught.value.digest == digest
+    assert caught.value.cause.errno == errno.EIO
