@@ -5,7 +5,14 @@ Knows nothing about checkpoints: it stores bytes durably and answers for them.
 
 from cas._blobstore import BlobInfo, BlobStore, PutResult
 from cas._digest import DIGEST_HEX_LEN, check_digest, hash_bytes
-from cas._errors import BlobStoreIOError, CasError, CorruptBlobError, MissingBlobError
+from cas._errors import (
+    BlobStoreIOError,
+    CasError,
+    CorruptBlobError,
+    DigestMismatchError,
+    MissingBlobError,
+    UnreadableBlobError,
+)
 
 __all__ = [
     "DIGEST_HEX_LEN",
@@ -14,8 +21,10 @@ __all__ = [
     "BlobStoreIOError",
     "CasError",
     "CorruptBlobError",
+    "DigestMismatchError",
     "MissingBlobError",
     "PutResult",
+    "UnreadableBlobError",
     "check_digest",
     "hash_bytes",
 ]

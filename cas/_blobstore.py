@@ -8,7 +8,10 @@ callers that write many blobs batch the directory fsyncs with `sync_dirs`.
 Large blobs are written with O_DIRECT through a small reused aligned buffer,
 which skips the page cache (and its cost on a VM) at the price of one memory
 copy. Presence is judged by size, never by the mere existence of a file, so a
-truncated blob is rewritten rather than trusted.
+truncated blob is rewritten rather than trusted. Every write hashes the bytes
+it hands the OS and refuses a mismatch with the name, so neither a wrong digest
+nor a buffer changed mid-write is stored; the cost is one more hash pass, over
+bytes still in cache (the small pieces are copied first, for the same reason).
 """
 
 from __future__ import annotations
@@ -24,11 +27,18 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from cas._digest import check_digest, hash_bytes, new_hasher
-from cas._errors import BlobStoreIOError, CorruptBlobError, MissingBlobError
+from cas._digest import Hasher, check_digest, hash_bytes, new_hasher
+from cas._errors import (
+    BlobStoreIOError,
+    CorruptBlobError,
+    DigestMismatchError,
+    MissingBlobError,
+    UnreadableBlobError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +131,8 @@ class BlobStore:
             return path.stat().st_size
         except FileNotFoundError:
             raise MissingBlobError(digest, path) from None
+        except OSError as exc:
+            raise UnreadableBlobError(digest, path, exc) from exc
 
     def put(
         self,
@@ -133,15 +145,28 @@ class BlobStore:
 
         `data` may be any bytes-like object (a tensor's memory through numpy is
         read in place, never copied). A caller that already hashed the bytes
-        passes `digest` to skip a second hash. A blob already present with the
-        right size is not written again. With `sync_dir=False` the caller must
-        call `sync_dirs` before relying on the blob surviving a crash.
+        passes `digest` to skip hashing them before the write. A blob already
+        present with the right size is not written again. With
+        `sync_dir=False` the caller must call `sync_dirs` before relying on the
+        blob surviving a crash. The bytes are hashed again as they are written,
+        so a buffer changed meanwhile (or a wrong `digest`) is refused rather
+        than stored under a false name.
 
         Raises:
+            ValueError: `data` is not C-contiguous, or `digest` is malformed.
+            DigestMismatchError: the bytes written do not hash to `digest`;
+                nothing is stored.
             BlobStoreIOError: the OS refused a write, fsync or rename (ENOSPC,
                 EROFS, ...); no file is left under the blob's name.
         """
-        view = memoryview(data).cast("B")
+        view = memoryview(data)
+        if not view.c_contiguous:
+            raise ValueError(
+                f"cannot store a non-contiguous buffer (shape {view.shape}, "
+                f"strides {view.strides}): pass a C-contiguous copy, e.g. "
+                "numpy.ascontiguousarray(x) or bytes(x)"
+            )
+        view = view.cast("B")
         if digest is None:
             digest = hash_bytes(view)
         else:
@@ -167,24 +192,29 @@ class BlobStore:
             fd = self._open_locked_tmp(tmp)
             self._step("tmp_open", digest)
 
-            # 1. Write every byte straight from the caller's memory; a large
-            #    blob's aligned bulk skips the page cache, the rest does not.
+            # 1. Write every byte, hashing each piece exactly as handed to the
+            #    OS: the caller's buffer may change under us (a tensor updated
+            #    by another thread), and what lands on disk is what must match
+            #    the name. A large blob's aligned bulk skips the page cache.
             step = "write"
+            hasher = new_hasher(view.nbytes)
             written = 0
             if view.nbytes >= _DIRECT_MIN and self._direct_ok:
-                written = self._write_direct(fd, view, digest)
-            while written < view.nbytes:
-                n = os.write(fd, view[written : written + _HOOK_SPAN])
-                self._wrote(digest, written, written + n, view.nbytes)
-                written += n
+                written = self._write_direct(fd, view, digest, hasher)
+            self._write_buffered(fd, view, written, digest, hasher)
 
-            # 2. Make the bytes durable before the name can point at them.
+            # 2. Refuse bytes that do not hash to the name they would get.
+            actual = hasher.hexdigest()
+            if actual != digest:
+                raise DigestMismatchError(digest, actual)
+
+            # 3. Make the bytes durable before the name can point at them.
             step = "fsync"
             os.fchmod(fd, _BLOB_MODE)
             os.fsync(fd)
             self._step("fsync", digest)
 
-            # 3. Publish atomically; this replaces a truncated or damaged copy.
+            # 4. Publish atomically; this replaces a truncated or damaged copy.
             step = "rename"
             os.replace(tmp, final)
             self._step("rename", digest)
@@ -198,11 +228,41 @@ class BlobStore:
             if fd >= 0:
                 os.close(fd)
 
-        # 4. Make the rename itself durable.
+        # 5. Make the rename itself durable.
         if sync_dir:
             self.sync_dirs([digest])
 
-    def _write_direct(self, fd: int, view: memoryview, digest: str) -> int:
+    def _write_buffered(
+        self, fd: int, view: memoryview, start: int, digest: str, hasher: Hasher
+    ) -> None:
+        # Each piece is copied before it is hashed and written, so the hash is
+        # of the very bytes the OS received. A large rest (no O_DIRECT here)
+        # reuses a staging buffer, whose pages are already mapped.
+        left = view.nbytes - start
+        if not left:
+            return
+        staging = self._take_staging() if left >= _DIRECT_MIN else None
+        buffer = memoryview(staging if staging is not None else bytearray(left))
+        pos = start
+        try:
+            while pos < view.nbytes:
+                size = min(_STAGING, view.nbytes - pos)
+                piece = buffer[:size]
+                piece[:] = view[pos : pos + size]
+                hasher.update(piece)
+                done = 0
+                while done < size:
+                    done += os.write(fd, piece[done:])
+                self._wrote(digest, pos, pos + size, view.nbytes)
+                pos += size
+        finally:
+            buffer.release()
+            if staging is not None:
+                self._give_staging(staging)
+
+    def _write_direct(
+        self, fd: int, view: memoryview, digest: str, hasher: Hasher
+    ) -> int:
         """Write the block-aligned bulk of `view` with O_DIRECT; return the bytes
         written, 0 where the filesystem refuses direct I/O (the caller writes
         whatever is left through the page cache)."""
@@ -233,6 +293,8 @@ class BlobStore:
                     self._direct_ok = False
                     log.debug("O_DIRECT refused under %s: buffered writes", self.root)
                     break
+                # The staging buffer is ours alone: its bytes are the written ones.
+                hasher.update(stage[:n])
                 self._wrote(digest, done, done + n, view.nbytes)
                 done += n
                 if n != size:
@@ -333,29 +395,28 @@ class BlobStore:
 
         Raises:
             MissingBlobError: no such blob.
-            CorruptBlobError: wrong size, or the bytes do not hash to `digest`.
+            CorruptBlobError: wrong size, or the bytes do not hash to `digest`;
+                UnreadableBlobError (a CorruptBlobError) when the OS refuses
+                to read it.
         """
         view = memoryview(out).cast("B")
         path = self.path_of(digest)
-        try:
-            f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise MissingBlobError(digest, path) from None
-        with f:
-            size = os.fstat(f.fileno()).st_size
-            if size != view.nbytes:
-                raise CorruptBlobError(
-                    digest, path, f"size {size} bytes, expected {view.nbytes}"
-                )
-            hasher = new_hasher(0)
-            pos = 0
-            while pos < size:
-                n = f.readinto(view[pos : pos + _CHUNK])
-                if not n:
-                    raise CorruptBlobError(digest, path, f"ends at byte {pos}")
-                if verify:
-                    hasher.update(view[pos : pos + n])
-                pos += n
+        hasher = new_hasher(0)
+        with _reading(digest, path):
+            with open(path, "rb", buffering=0) as f:
+                size = os.fstat(f.fileno()).st_size
+                if size != view.nbytes:
+                    raise CorruptBlobError(
+                        digest, path, f"size {size} bytes, expected {view.nbytes}"
+                    )
+                pos = 0
+                while pos < size:
+                    n = f.readinto(view[pos : pos + _CHUNK])
+                    if not n:
+                        raise CorruptBlobError(digest, path, f"ends at byte {pos}")
+                    if verify:
+                        hasher.update(view[pos : pos + n])
+                    pos += n
         if verify and hasher.hexdigest() != digest:
             raise CorruptBlobError(digest, path, "hash mismatch")
 
@@ -363,12 +424,8 @@ class BlobStore:
         """Yield a blob in chunks; the last step raises CorruptBlobError on a
         hash mismatch, so a consumer must read to the end before trusting it."""
         path = self.path_of(digest)
-        try:
-            f = open(path, "rb")  # noqa: SIM115 - closed below
-        except FileNotFoundError:
-            raise MissingBlobError(digest, path) from None
-        with f:
-            hasher = new_hasher(0)
+        hasher = new_hasher(0)
+        with _reading(digest, path), open(path, "rb") as f:
             while chunk := f.read(chunk_size):
                 hasher.update(chunk)
                 yield chunk
@@ -474,6 +531,18 @@ class BlobStore:
             return None
         finally:
             os.close(fd)
+
+
+@contextmanager
+def _reading(digest: str, path: Path) -> Iterator[None]:
+    # Every OS error while reading a blob names the blob; a missing file is the
+    # one failure readers tell apart from damage.
+    try:
+        yield
+    except FileNotFoundError:
+        raise MissingBlobError(digest, path) from None
+    except OSError as exc:
+        raise UnreadableBlobError(digest, path, exc) from exc
 
 
 def _fsync_dirs(paths: list[Path]) -> None:

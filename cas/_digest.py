@@ -27,7 +27,10 @@ def check_digest(digest: object) -> str:
     return digest
 
 
-def new_hasher(size_hint: int = 0) -> blake3.blake3:
+Hasher = blake3.blake3
+
+
+def new_hasher(size_hint: int = 0) -> Hasher:
     """A blake3 hasher, multithreaded when `size_hint` bytes justify it."""
     threads = blake3.blake3.AUTO if size_hint >= _THREADED_MIN else 1
     return blake3.blake3(max_threads=threads)

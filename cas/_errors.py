@@ -3,6 +3,10 @@
 CasError
  +-- MissingBlobError (also KeyError)
  +-- CorruptBlobError
+ |    +-- UnreadableBlobError: the OS refused to read it (EIO, EACCES, a
+ |                             directory in its place): damage all the same
+ +-- DigestMismatchError (also ValueError): bytes written do not hash to the
+ |                                          digest they were to be stored under
  +-- BlobStoreIOError (also OSError): a write or rename the OS refused
 """
 
@@ -48,6 +52,33 @@ class CorruptBlobError(CasError):
 
     def __reduce__(self) -> tuple[type, tuple[str, Path, str]]:
         return (type(self), (self.digest, self.path, self.reason))
+
+
+class UnreadableBlobError(CorruptBlobError):
+    """The operating system could not read a blob; readers treat it as damage."""
+
+    def __init__(self, digest: str, path: Path, cause: OSError) -> None:
+        self.cause = cause
+        super().__init__(digest, path, f"unreadable: {_reason(cause)}")
+
+    def __reduce__(self) -> tuple[type, tuple[str, Path, OSError]]:  # type: ignore[override]
+        return (type(self), (self.digest, self.path, self.cause))
+
+
+class DigestMismatchError(CasError, ValueError):
+    """The bytes written for a blob do not hash to the digest it was put under."""
+
+    def __init__(self, expected: str, actual: str) -> None:
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"bytes changed while being written: expected digest {expected}, got "
+            f"{actual}; the data was modified during the save (or the digest "
+            "passed to put is wrong), nothing was stored"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        return (type(self), (self.expected, self.actual))
 
 
 class BlobStoreIOError(CasError, OSError):

@@ -14,6 +14,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -35,9 +36,13 @@ _INT64_MIN = -(1 << 63)
 _INT64_MAX = (1 << 63) - 1
 _NUMPY_KINDS = frozenset("biufc")
 _MAX_DIMS = 64
-# Tuples and OrderedDicts nested in one another, refused deeper at save and at
-# load: each level costs the reader stack, so a hostile manifest must not choose.
+# Containers (dicts, lists, tuples, OrderedDicts) nested in one another,
+# refused deeper at save and at load. The loader walks without recursion, so
+# it accepts this depth however deep its caller's stack is; the limit keeps a
+# hostile manifest from choosing how much work and memory one value costs.
 _MAX_NESTING = 100
+_CONTAINERS = (dict, OrderedDict, list, tuple)
+_PLAIN = (type(None), bool, int, float, str, bytes)
 _NUMPY_DTYPE_STR = re.compile(r"[<>|=][biufc][0-9]{1,2}")  # what dtype.str writes
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
@@ -81,14 +86,15 @@ def encode(obj: Any) -> Encoded:
     made contiguous; the bytes of a CPU contiguous tensor are hashed in place.
     Tensors sharing storage (tied weights) are stored once and tied again on
     load. Limits: strings must be valid Unicode (no lone surrogates), and
-    tuples and OrderedDicts nest at most 100 deep in one another.
+    containers (dicts, lists, tuples) nest at most 100 deep, the outermost
+    counted; a structure that contains itself is refused by the same limit.
 
     Raises:
         UnsupportedTypeError: a value of another type, named by its path
             (`optimizer.state.3.foo`); nothing has been written anywhere.
     """
     encoder = _Encoder()
-    root = encoder.value(obj, "")
+    root = encoder.walk(obj)
     manifest = msgpack.packb({"format": FORMAT_VERSION, "root": root})
     return Encoded(manifest=manifest, blobs=encoder.blobs)
 
@@ -98,7 +104,49 @@ class _Encoder:
         self.blobs: dict[str, memoryview] = {}
         self.ties: dict[tuple[Any, ...], int] = {}
         self.tie_refs: dict[int, list[Any]] = {}
-        self.depth = 0
+
+    def walk(self, root: Any) -> Any:
+        # A task stack rather than recursion, so the caller's stack depth does
+        # not decide what saves. A task fills slot `key` of `into`; a callable
+        # task packs a tuple or OrderedDict once its children are encoded.
+        top: list[Any] = [None]
+        tasks: list[Any] = [(root, "", 1, top, 0)]
+        while tasks:
+            task = tasks.pop()
+            if callable(task):
+                task()
+                continue
+            obj, path, depth, into, key = task
+            kind = type(obj)
+            if kind not in _CONTAINERS:
+                into[key] = self.value(obj, path)
+                continue
+            if depth > _MAX_NESTING:
+                raise UnsupportedTypeError(
+                    path,
+                    f"containers nested more than {_MAX_NESTING} deep",
+                    "flatten the structure (one that contains itself never ends)",
+                )
+            if kind is list or kind is tuple:
+                out: Any = [None] * len(obj)
+                children = list(enumerate(obj))
+            else:
+                out = dict.fromkeys(_check_key(k, path) for k in obj)
+                children = list(obj.items())
+            if kind is tuple:
+                tasks.append(partial(_pack_tuple, into, key, out))
+            elif kind is OrderedDict:
+                meta: list[Any] = [None]
+                tasks.append(partial(_pack_odict, into, key, out, meta))
+                if getattr(obj, "_metadata", None):
+                    tasks.append(
+                        (obj._metadata, _join(path, "_metadata"), depth + 1, meta, 0)
+                    )
+            else:
+                into[key] = out
+            for child_key, child in reversed(children):
+                tasks.append((child, _join(path, child_key), depth + 1, out, child_key))
+        return top[0]
 
     def value(self, obj: Any, path: str) -> Any:
         kind = type(obj)
@@ -109,22 +157,6 @@ class _Encoder:
         if kind is int:
             _check_int(obj, path)
             return obj
-        if kind is dict:
-            return self.mapping(obj, path)
-        if kind is OrderedDict:
-            self.enter(path)
-            meta = getattr(obj, "_metadata", None)
-            meta_enc = self.value(meta, _join(path, "_metadata")) if meta else None
-            payload = _pack([self.mapping(obj, path), meta_enc])
-            self.depth -= 1
-            return msgpack.ExtType(_EXT_ODICT, payload)
-        if kind is list:
-            return [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
-        if kind is tuple:
-            self.enter(path)
-            items = [self.value(v, _join(path, i)) for i, v in enumerate(obj)]
-            self.depth -= 1
-            return msgpack.ExtType(_EXT_TUPLE, _pack(items))
         if isinstance(obj, torch.Tensor):
             return self.tensor(obj, path)
         if kind is np.ndarray:
@@ -133,33 +165,24 @@ class _Encoder:
             return msgpack.ExtType(_EXT_NPSCALAR, _pack([obj.dtype.str, obj.tobytes()]))
         raise UnsupportedTypeError(path, _type_name(obj))
 
-    def enter(self, path: str) -> None:
-        self.depth += 1
-        if self.depth > _MAX_NESTING:
+    def tensor(self, t: torch.Tensor, path: str) -> msgpack.ExtType:
+        # Quantized and nested tensors keep state beyond one block of bytes
+        # (scales, offsets, per-component sizes) that a reference cannot name.
+        if t.is_nested:
             raise UnsupportedTypeError(
                 path,
-                f"tuple or OrderedDict nested more than {_MAX_NESTING} deep",
-                "use lists or dicts for deep structures",
+                "nested tensor",
+                "store its components instead (list(t.unbind()))",
             )
-
-    def mapping(self, obj: dict[Any, Any], path: str) -> dict[Any, Any]:
-        out = {}
-        for key, val in obj.items():
-            if type(key) not in (str, int):
-                raise UnsupportedTypeError(
-                    _join(path, repr(key)),
-                    f"dict key of type {_type_name(key)}",
-                    "dict keys must be str or int",
-                )
-            if type(key) is int:
-                _check_int(key, _join(path, key))
-            else:
-                _check_str(key, _join(path, repr(key)))
-            out[key] = self.value(val, _join(path, key))
-        return out
-
-    def tensor(self, t: torch.Tensor, path: str) -> msgpack.ExtType:
-        if t.layout != torch.strided or t.is_quantized or t.is_nested:
+        if t.is_quantized:
+            raise UnsupportedTypeError(
+                path,
+                f"quantized tensor ({t.dtype})",
+                "store t.dequantize(), or t.int_repr() with t.q_scale() and "
+                "t.q_zero_point() (per-channel: q_per_channel_scales() and "
+                "q_per_channel_zero_points())",
+            )
+        if t.layout != torch.strided:
             raise UnsupportedTypeError(
                 path,
                 f"tensor with layout {t.layout}",
@@ -199,6 +222,28 @@ class _Encoder:
         self.blobs.setdefault(digest, data)
         ref = ["numpy", digest, arr.dtype.str, list(arr.shape), data.nbytes, None]
         return msgpack.ExtType(_EXT_NUMPY, _pack(ref))
+
+
+def _check_key(key: Any, path: str) -> Any:
+    if type(key) is int:
+        _check_int(key, _join(path, key))
+    elif type(key) is str:
+        _check_str(key, _join(path, repr(key)))
+    else:
+        raise UnsupportedTypeError(
+            _join(path, repr(key)),
+            f"dict key of type {_type_name(key)}",
+            "dict keys must be str or int",
+        )
+    return key
+
+
+def _pack_tuple(into: Any, key: Any, items: list[Any]) -> None:
+    into[key] = msgpack.ExtType(_EXT_TUPLE, _pack(items))
+
+
+def _pack_odict(into: Any, key: Any, items: dict[Any, Any], meta: list[Any]) -> None:
+    into[key] = msgpack.ExtType(_EXT_ODICT, _pack([items, meta[0]]))
 
 
 def _check_int(value: int, path: str) -> None:
@@ -260,68 +305,157 @@ def decode_manifest(manifest: bytes) -> tuple[Any, list[TensorRef]]:
     """Parse a manifest into its structure (tensors as TensorRef) and the refs.
 
     Nothing is allocated for tensors yet, so sizes can be checked first.
+    Containers nested up to 100 deep are read whatever the caller's stack depth.
 
     Raises:
-        ManifestError: not a manifest, an unknown format version, or a
-            reference whose dtype, shape and size disagree.
+        ManifestError: not a manifest, an unknown format version, a value or
+            map key the encoder never writes, containers nested more than 100
+            deep, or a reference whose dtype, shape and size disagree.
     """
     refs: list[TensorRef] = []
-    depth = 0
 
-    def nested(data: bytes) -> Any:
-        nonlocal depth
-        depth += 1
-        if depth > _MAX_NESTING + 1:
+    def leaf(node: Any) -> Any:
+        if type(node) is TensorRef:
+            refs.append(node)
+        elif type(node) not in _PLAIN and not isinstance(node, np.generic):
             raise ManifestError(
-                f"manifest nests tuples or ordered dicts more than {_MAX_NESTING} "
-                "deep: it is damaged or hostile"
+                f"manifest holds a value of type {_type_name(node)}, which the "
+                "encoder never writes: it is damaged or hostile"
             )
-        try:
-            return _unpack(data, ext_hook)
-        finally:
-            depth -= 1
-
-    def ext_hook(code: int, data: bytes) -> Any:
-        if code == _EXT_TUPLE:
-            return tuple(nested(data))
-        if code in (_EXT_TENSOR, _EXT_NUMPY):
-            ref = _check_ref(nested(data), code)
-            refs.append(ref)
-            return ref
-        if code == _EXT_NPSCALAR:
-            return _decode_npscalar(nested(data))
-        if code == _EXT_ODICT:
-            items, meta = nested(data)
-            out: OrderedDict[Any, Any] = OrderedDict(items)
-            if meta is not None:
-                out._metadata = meta  # type: ignore[attr-defined]
-            return out
-        raise ManifestError(f"manifest holds an unknown extension type {code}")
+        return node
 
     try:
-        doc = _unpack(manifest, ext_hook)
+        doc = _unpack(manifest)
+        if not isinstance(doc, dict) or "format" not in doc or "root" not in doc:
+            raise ManifestError("malformed manifest: no format version or root")
+        version = doc["format"]
+        # True == 1 and 1.0 == 1 in Python; only the int the encoder writes counts.
+        if type(version) is not int or version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format {version!r} is not supported (this version "
+                f"reads format {FORMAT_VERSION}): upgrade ckpt-ledger"
+            )
+        root = _rebuild(doc["root"], leaf, _expand)
     except ManifestError:
         raise
+    except _TooDeepError:
+        raise ManifestError(
+            f"manifest nests containers more than {_MAX_NESTING} deep: it is "
+            "damaged or hostile"
+        ) from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         reason = str(exc) or type(exc).__name__
         raise ManifestError(f"malformed manifest: {reason}") from exc
-    if not isinstance(doc, dict) or "format" not in doc or "root" not in doc:
-        raise ManifestError("malformed manifest: no format version or root")
-    if doc["format"] != FORMAT_VERSION:
-        raise ManifestError(
-            f"manifest format {doc['format']!r} is not supported (this version "
-            f"reads format {FORMAT_VERSION}): upgrade ckpt-ledger"
-        )
-    return doc["root"], refs
+    return root, refs
 
 
-def _unpack(data: bytes, ext_hook: Callable[[int, bytes], Any]) -> Any:
-    # An Unpacker keeps its parse stack on the heap; unpackb puts ~40 KiB on the
-    # C stack per nested extension, so 200 nested tuples would crash the process.
+def _expand(node: Any) -> Any:
+    """One decoded msgpack value as the structure it stands for: an extension
+    becomes its tuple, OrderedDict, TensorRef or numpy scalar (whose own
+    contents `_rebuild` expands in turn); map keys are checked."""
+    if type(node) is dict:
+        for key in node:
+            if type(key) not in (str, int):
+                raise ManifestError(
+                    f"manifest holds a map key of type {_type_name(key)}: "
+                    "keys are str or int, it is damaged or hostile"
+                )
+        return node
+    if type(node) is not msgpack.ExtType:
+        return node
+    code, data = node.code, node.data
+    if code == _EXT_TUPLE:
+        items = _unpack(data)
+        if type(items) is not list:
+            raise ManifestError("malformed manifest: a tuple that holds no list")
+        return tuple(items)
+    if code in (_EXT_TENSOR, _EXT_NUMPY):
+        return _check_ref(_unpack(data), code)
+    if code == _EXT_NPSCALAR:
+        return _decode_npscalar(_unpack(data))
+    if code == _EXT_ODICT:
+        payload = _unpack(data)
+        if type(payload) is not list or len(payload) != 2:
+            raise ManifestError("malformed manifest: an ordered dict of garbage")
+        items, meta = payload  # `_rebuild` expands and checks the metadata
+        if type(items) is not dict:
+            raise ManifestError("malformed manifest: an ordered dict of garbage")
+        out: OrderedDict[Any, Any] = OrderedDict(_expand(items))
+        if meta is not None:
+            out._metadata = meta  # type: ignore[attr-defined]
+        return out
+    raise ManifestError(f"manifest holds an unknown extension type {code}")
+
+
+class _TooDeepError(Exception):
+    pass
+
+
+def _rebuild(
+    root: Any,
+    leaf: Callable[[Any], Any],
+    expand: Callable[[Any], Any] | None = None,
+) -> Any:
+    """Copy a tree of containers, each leaf replaced by `leaf(node)` (and each
+    node first replaced by `expand(node)`), with a task stack instead of
+    recursion so the caller's stack depth does not matter.
+
+    Raises _TooDeepError past `_MAX_NESTING` nested containers.
+    """
+    top: list[Any] = [None]
+    # A task fills slot `key` of `into` with a rebuilt node; a callable task
+    # finishes a container once every child pushed after it is done.
+    tasks: list[Any] = [(root, 1, top, 0)]
+    while tasks:
+        task = tasks.pop()
+        if callable(task):
+            task()
+            continue
+        node, depth, into, key = task
+        if expand is not None:
+            node = expand(node)
+        kind = type(node)
+        if kind not in _CONTAINERS:
+            into[key] = leaf(node)
+            continue
+        if depth > _MAX_NESTING:
+            raise _TooDeepError
+        children: list[tuple[Any, Any]]
+        if kind is list or kind is tuple:
+            out: Any = [None] * len(node)
+            children = list(enumerate(node))
+        else:
+            out = kind.fromkeys(node)
+            children = list(node.items())
+        if kind is tuple:
+            tasks.append(partial(_set_tuple, into, key, out))
+        else:
+            into[key] = out
+        meta = getattr(node, "_metadata", None)
+        if kind is OrderedDict and meta is not None:
+            holder: list[Any] = [None]
+            tasks.append(partial(_set_metadata, out, holder))
+            tasks.append((meta, depth + 1, holder, 0))
+        for child_key, child in reversed(children):
+            tasks.append((child, depth + 1, out, child_key))
+    return top[0]
+
+
+def _set_tuple(into: Any, key: Any, items: list[Any]) -> None:
+    into[key] = tuple(items)
+
+
+def _set_metadata(out: Any, holder: list[Any]) -> None:
+    out._metadata = holder[0]
+
+
+def _unpack(data: bytes) -> Any:
+    # Extensions are left as ExtType for `_expand`: an ext_hook would recurse
+    # (each nested extension a fresh unpack on the stack), and the caller's
+    # stack depth would decide what loads.
     unpacker = msgpack.Unpacker(
         raw=False,
         strict_map_key=False,
-        ext_hook=ext_hook,
         use_list=True,
         max_buffer_size=max(len(data), 1),
     )
@@ -437,40 +571,26 @@ def build(
         loaded[key] = value
         return value
 
+    def leaf(node: Any) -> Any:
+        return materialize(node) if type(node) is TensorRef else node
+
     try:
-        return _replace(root, materialize)
-    except RecursionError:
+        return _rebuild(root, leaf)
+    except _TooDeepError:
         raise ManifestError(
-            "manifest nests lists or dicts too deep to load: it is damaged or hostile"
+            f"structure nests containers more than {_MAX_NESTING} deep: it is "
+            "damaged or hostile"
         ) from None
-
-
-def _replace(node: Any, fn: Callable[[TensorRef], Any]) -> Any:
-    kind = type(node)
-    if kind is TensorRef:
-        return fn(node)
-    if kind is dict:
-        return {k: _replace(v, fn) for k, v in node.items()}
-    if kind is OrderedDict:
-        out = OrderedDict((k, _replace(v, fn)) for k, v in node.items())
-        meta = getattr(node, "_metadata", None)
-        if meta is not None:
-            out._metadata = meta  # type: ignore[attr-defined]
-        return out
-    if kind is list:
-        return [_replace(v, fn) for v in node]
-    if kind is tuple:
-        return tuple(_replace(v, fn) for v in node)
-    return node
 
 
 def iter_refs(root: Any) -> Iterator[TensorRef]:
     """Every TensorRef in a decoded structure, depth first."""
-    if type(root) is TensorRef:
-        yield root
-    elif isinstance(root, dict):
-        for v in root.values():
-            yield from iter_refs(v)
-    elif isinstance(root, (list, tuple)):
-        for v in root:
-            yield from iter_refs(v)
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if type(node) is TensorRef:
+            yield node
+        elif isinstance(node, dict):
+            todo.extend(reversed(node.values()))
+        elif isinstance(node, (list, tuple)):
+            todo.extend(reversed(node))

@@ -425,7 +425,9 @@ class Run:
 
         Raises:
             UnknownReferenceError: the reference names no live save.
-            cas.CorruptBlobError, cas.MissingBlobError: a damaged store.
+            cas.CorruptBlobError, cas.MissingBlobError: a damaged store (a
+                blob the OS cannot read is a cas.UnreadableBlobError, which is
+                a CorruptBlobError).
         """
         seq = agree_on_seq(lambda: self.resolve(ref).seq, f"resolve {ref!r}")
         assert seq is not None

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cas import BlobStore, PutResult, hash_bytes
+from cas import BlobStore, DigestMismatchError, PutResult, hash_bytes
 
 DATA = b"the quick brown fox jumps over the lazy dog"
 DATA_DIGEST = blake3.blake3(DATA).hexdigest()
@@ -47,10 +47,68 @@ def test_put_reads_a_numpy_array_through_its_memory(store):
 def test_put_refuses_a_non_contiguous_buffer_before_writing(store):
     array = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
 
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="C-contiguous"):
         store.put(memoryview(array))
 
     assert not store.root.exists()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: np.asfortranarray(np.arange(24, dtype=np.int16).reshape(4, 6)),
+        lambda: memoryview(bytes(range(64)))[::2],
+    ],
+    ids=["fortran-ordered-array", "strided-memoryview"],
+)
+def test_put_of_a_non_contiguous_buffer_says_it_must_be_c_contiguous(store, make):
+    data = make()
+
+    with pytest.raises(ValueError, match="C-contiguous") as caught:
+        store.put(data)
+
+    assert "\n" not in str(caught.value)
+    assert not store.root.exists()
+
+
+def test_put_refuses_bytes_that_do_not_hash_to_the_given_digest(store):
+    wrong = "0" * 64
+
+    with pytest.raises(DigestMismatchError) as caught:
+        store.put(b"evil", digest=wrong)
+
+    assert caught.value.expected == wrong
+    assert caught.value.actual == hash_bytes(b"evil")
+    assert "\n" not in str(caught.value)
+    assert not store.has_blob(wrong)
+    assert os.listdir(store.tmp_dir) == []
+
+
+@pytest.mark.parametrize(
+    ("size", "direct"),
+    [(100, True), (3 << 20, True), ((3 << 20) + 5, False)],
+    ids=["small", "large", "large-without-o-direct"],
+)
+def test_put_refuses_a_buffer_changed_between_hashing_and_writing(size, direct):
+    # The hook runs once the temp file is open, after the digest was taken:
+    # the moment another thread may still be updating a tensor.
+    array = np.zeros(size, dtype=np.uint8)
+    digest = hash_bytes(array)
+
+    def mutate(step, _digest):
+        if step == "tmp_open":
+            array[size // 2] = 1
+
+    with tempfile.TemporaryDirectory() as root:
+        store = BlobStore(root, hook=mutate)
+        store._direct_ok = direct  # as on a filesystem that refuses O_DIRECT
+
+        with pytest.raises(DigestMismatchError, match="changed while being written"):
+            store.put(array, digest=digest)
+
+        assert not store.has_blob(digest)
+        assert not store.has_blob(hash_bytes(array))
+        assert os.listdir(store.tmp_dir) == []
 
 
 def test_put_of_empty_bytes_stores_an_empty_blob(store):

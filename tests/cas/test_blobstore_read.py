@@ -1,12 +1,19 @@
 """Reading blobs: every read is hash-checked, and damage is named, not returned."""
 
+import errno
 import os
 import stat
 
 import numpy as np
 import pytest
 
-from cas import CasError, CorruptBlobError, MissingBlobError
+from cas import (
+    CasError,
+    CorruptBlobError,
+    MissingBlobError,
+    UnreadableBlobError,
+    _blobstore,
+)
 
 DATA = bytes(range(256)) * 40
 
@@ -169,3 +176,62 @@ def test_a_read_only_store_can_still_be_read_and_verified(read_only_store):
     assert problems == []
     assert listed == set(digests)
     assert all(store.has_blob(d, size=100, verify=True) for d in digests)
+
+
+def _replace_with_directory(path):
+    os.chmod(path, 0o644)
+    os.unlink(path)
+    os.mkdir(path)
+
+
+@pytest.mark.parametrize(
+    "read",
+    [
+        lambda store, digest: store.get(digest),
+        lambda store, digest: store.verify(digest),
+        lambda store, digest: store.read_into(digest, bytearray(len(DATA))),
+    ],
+    ids=["get", "verify", "read_into"],
+)
+def test_a_blob_the_os_cannot_read_raises_unreadable_blob_error_naming_it(store, read):
+    digest = store.put(DATA).digest
+    path = store.path_of(digest)
+    _replace_with_directory(path)
+
+    with pytest.raises(UnreadableBlobError) as caught:
+        read(store, digest)
+
+    message = str(caught.value)
+    assert isinstance(caught.value, CorruptBlobError)
+    assert (caught.value.digest, caught.value.path) == (digest, path)
+    assert isinstance(caught.value.cause, IsADirectoryError)
+    assert "ckpt verify" in message
+    assert "\n" not in message
+
+
+def test_verify_all_reports_a_blob_the_os_cannot_read(store):
+    digest = store.put(DATA).digest
+    _replace_with_directory(store.path_of(digest))
+    sound = store.put(b"sound").digest
+
+    problems = store.verify_all()
+
+    assert [p.digest for p in problems] == [digest]
+    assert store.get(sound) == b"sound"
+
+
+def test_an_io_error_while_reading_a_blob_names_the_blob_and_the_os_reason(
+    store, monkeypatch
+):
+    digest = store.put(DATA).digest
+
+    def failing_open(*args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(_blobstore, "open", failing_open, raising=False)
+
+    with pytest.raises(UnreadableBlobError, match="Input/output error") as caught:
+        store.get(digest)
+
+    assert caught.value.digest == digest
+    assert caught.value.cause.errno == errno.EIO

@@ -1,10 +1,18 @@
 """The public surface of `cas`: the names it exports and its exception tree."""
 
 import errno
+import pickle
 from pathlib import Path
 
 import cas
-from cas import BlobStoreIOError, CasError, CorruptBlobError, MissingBlobError
+from cas import (
+    BlobStoreIOError,
+    CasError,
+    CorruptBlobError,
+    DigestMismatchError,
+    MissingBlobError,
+    UnreadableBlobError,
+)
 
 DIGEST = "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 
@@ -17,8 +25,10 @@ def test_all_lists_exactly_the_public_names():
         "BlobStoreIOError",
         "CasError",
         "CorruptBlobError",
+        "DigestMismatchError",
         "MissingBlobError",
         "PutResult",
+        "UnreadableBlobError",
         "check_digest",
         "hash_bytes",
     }
@@ -73,4 +83,36 @@ def test_blob_store_io_error_is_an_os_error_with_the_cause_errno():
     assert isinstance(error, OSError)
     assert error.errno == errno.ENOSPC
     assert str(error).startswith("could not write tmp/x.tmp: No space left")
+    assert "\n" not in str(error)
+
+
+def test_unreadable_blob_error_is_damage_that_names_the_os_reason():
+    cause = OSError(errno.EIO, "Input/output error")
+
+    error = UnreadableBlobError(DIGEST, Path("blobs/af") / DIGEST, cause)
+
+    assert isinstance(error, CorruptBlobError)
+    assert error.cause is cause
+    assert "Input/output error" in str(error)
+    assert "ckpt verify" in str(error)
+    assert "\n" not in str(error)
+
+
+def test_errors_survive_pickling_with_their_fields():
+    errors = [
+        UnreadableBlobError(DIGEST, Path("b"), OSError(errno.EACCES, "denied")),
+        DigestMismatchError(DIGEST, "0" * 64),
+    ]
+
+    copies = [pickle.loads(pickle.dumps(e)) for e in errors]
+
+    assert [str(c) for c in copies] == [str(e) for e in errors]
+
+
+def test_digest_mismatch_error_is_a_value_error_naming_both_digests():
+    error = DigestMismatchError(DIGEST, "0" * 64)
+
+    assert isinstance(error, CasError)
+    assert isinstance(error, ValueError)
+    assert DIGEST in str(error) and "0" * 64 in str(error)
     assert "\n" not in str(error)

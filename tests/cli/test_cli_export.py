@@ -197,6 +197,27 @@ def test_export_of_a_damaged_checkpoint_exits_1_naming_the_blob(
     assert not out.exists()
 
 
+def test_export_of_a_checkpoint_the_os_cannot_read_exits_1_naming_the_blob(
+    ckpt: Callable[..., Any],
+    filled_store: Path,
+    tmp_path: Path,
+    is_one_line_error: Callable[[str], bool],
+) -> None:
+    with Store(filled_store) as store:
+        path = store.blobs.path_of(store.event(10).manifest or "")
+    os.chmod(path, 0o644)
+    os.unlink(path)
+    os.mkdir(path)
+    out = tmp_path / "ft.pt"
+
+    result = ckpt("export", "ft@final", "-o", str(out))
+
+    assert result.code == 1
+    assert is_one_line_error(result.err)
+    assert path.name in result.err and "ckpt verify" in result.err
+    assert not out.exists()
+
+
 def test_export_safetensors_without_the_library_says_how_to_install_it(
     ckpt: Callable[..., Any],
     filled_store: Path,

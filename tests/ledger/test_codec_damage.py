@@ -228,10 +228,42 @@ def _crafted_cases() -> dict[str, tuple[Callable[[Run], bytes], str]]:
             lambda r: _manifest(msgpack.ExtType(EXT_ODICT, msgpack.packb(7))),
             "malformed manifest",
         ),
-        "tuples nested 400 deep": (lambda r: _manifest(tuples(400)), "nests tuples"),
+        "tuples nested 400 deep": (
+            lambda r: _manifest(tuples(400)),
+            "more than 100 deep",
+        ),
         "lists nested 900 deep": (
             lambda r: header + b"\x91" * 900 + b"\xc0",
-            "too deep",
+            "more than 100 deep",
+        ),
+        "lists nested 101 deep": (
+            lambda r: header + b"\x91" * 101 + b"\xc0",
+            "more than 100 deep",
+        ),
+        "timestamp extension": (
+            lambda r: _manifest({"t": msgpack.Timestamp(0, 0)}),
+            "type msgpack.ext.Timestamp",
+        ),
+        "tensor reference as a map key": (
+            lambda r: (
+                header
+                + b"\x81"
+                + msgpack.packb(_ref("torch", blob(r, 4), "torch.float32", [1], 4))
+                + b"\xc0"
+            ),
+            "map key of type msgpack.ext.ExtType",
+        ),
+        "tuple wrapping a map": (
+            lambda r: _manifest(msgpack.ExtType(EXT_TUPLE, msgpack.packb({"a": 1}))),
+            "a tuple that holds no list",
+        ),
+        "float format version": (
+            lambda r: _manifest({}, version=float(FORMAT_VERSION)),
+            "format 1.0 is not supported",
+        ),
+        "bool format version": (
+            lambda r: _manifest({}, version=True),
+            "format True is not supported",
         ),
         "lists nested 5000 deep": (
             lambda r: header + b"\x91" * 5000 + b"\xc0",

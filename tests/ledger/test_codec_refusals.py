@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,16 @@ def _function(x: int) -> int:
     return x
 
 
-def _nest(depth: int, leaf: Any) -> Any:
+def _nest(depth: int, leaf: Any, wrap: Callable[[Any], Any] = lambda x: (x,)) -> Any:
     for _ in range(depth):
-        leaf = (leaf,)
+        leaf = wrap(leaf)
     return leaf
+
+
+def _self_containing_list() -> list[Any]:
+    loop: list[Any] = []
+    loop.append(loop)
+    return loop
 
 
 REFUSED = {
@@ -72,9 +78,24 @@ REFUSED = {
     "lone surrogate": ({"note": "\ud800"}, "note", "str"),
     "meta tensor": ({"w": torch.empty(2, device="meta")}, "w", "meta tensor"),
     "deep tuples": (
-        {"deep": _nest(101, 0)},
-        "deep" + ".0" * 100,
-        "nested more than 100 deep",
+        {"deep": _nest(100, 0)},
+        "deep" + ".0" * 99,
+        "containers nested more than 100 deep",
+    ),
+    "deep lists": (
+        _nest(500, 0, lambda x: [x]),
+        ".".join(["0"] * 100),
+        "containers nested more than 100 deep",
+    ),
+    "deep dicts": (
+        _nest(440, 0, lambda x: {"k": x}),
+        ".".join(["k"] * 100),
+        "containers nested more than 100 deep",
+    ),
+    "list that contains itself": (
+        {"loop": _self_containing_list()},
+        "loop" + ".0" * 99,
+        "containers nested more than 100 deep",
     ),
     "root": (Custom(), "<root>", "Custom"),
 }
@@ -185,3 +206,30 @@ def test_refusal_names_the_exact_path_of_the_bad_value_wherever_it_is(
         encode(checkpoint)
 
     assert caught.value.path == ".".join(str(key) for _, key in steps)
+
+
+@pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")
+def test_quantized_tensor_is_refused_with_how_to_store_it_instead(run: Run) -> None:
+    q = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.qint8)
+
+    with pytest.raises(UnsupportedTypeError) as caught:
+        run.save({"q": q}, epoch=2)
+
+    message = str(caught.value)
+    assert caught.value.path == "q"
+    assert "quantized tensor (torch.qint8)" in message
+    assert "dequantize()" in message and "int_repr()" in message
+    assert "layout" not in message
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors:UserWarning")
+def test_nested_tensor_is_refused_with_how_to_store_it_instead(run: Run) -> None:
+    nested = torch.nested.nested_tensor([torch.ones(2), torch.ones(3)])
+
+    with pytest.raises(UnsupportedTypeError) as caught:
+        run.save({"n": nested}, epoch=2)
+
+    message = str(caught.value)
+    assert caught.value.path == "n"
+    assert "nested tensor" in message and "unbind()" in message
+    assert "layout" not in message

@@ -11,8 +11,9 @@ from __future__ import annotations
 import _pickle
 import pickle
 import struct
+import sys
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ledger import Run, Store
+from ledger import Run, Store, UnsupportedTypeError
+from ledger._codec import build, decode_manifest, encode
 
 INT64 = st.integers(-(2**63), 2**63 - 1)
 
@@ -402,3 +404,87 @@ def test_load_never_calls_pickle_or_torch_load(
     assert_same(checkpoint, loaded)
     assert resumed is not None
     assert_same(checkpoint, resumed.state)
+
+
+def _call_with_few_frames_left(free: int, fn: Callable[[], Any]) -> Any:
+    # Recurse until only `free` frames of the recursion limit remain, then call.
+    depth = 0
+    frame = sys._getframe()
+    while frame is not None:
+        depth += 1
+        frame = frame.f_back
+
+    def dive(n: int) -> Any:
+        return fn() if n <= 0 else dive(n - 1)
+
+    return dive(sys.getrecursionlimit() - depth - free)
+
+
+NESTINGS = {
+    "dicts": lambda x: {"k": x},
+    "lists": lambda x: [x],
+    "tuples": lambda x: (x,),
+    "ordered dicts": lambda x: OrderedDict(k=x),
+    "mixed": lambda x: ({"k": x},),
+}
+
+
+@pytest.mark.parametrize("wrap", NESTINGS.values(), ids=NESTINGS.keys())
+def test_containers_nested_100_deep_round_trip_even_from_deep_in_the_call_stack(
+    tmp_path: Path, wrap: Callable[[Any], Any]
+) -> None:
+    checkpoint: Any = torch.arange(3)
+    while _depth(checkpoint) < 100:
+        checkpoint = wrap(checkpoint)
+    store = Store(tmp_path / "store")
+    run = store.run("deep")
+
+    _call_with_few_frames_left(80, lambda: run.save(checkpoint, epoch=1))
+    loaded = _call_with_few_frames_left(80, lambda: run.load("last"))
+
+    assert _depth(loaded) == 100
+    assert _innermost(loaded).tolist() == [0, 1, 2]
+    store.close()
+
+
+def _depth(node: Any) -> int:
+    depth = 0
+    while isinstance(node, (dict, list, tuple)):
+        node = next(iter(node.values())) if isinstance(node, dict) else node[0]
+        depth += 1
+    return depth
+
+
+def _innermost(node: Any) -> Any:
+    while isinstance(node, (dict, list, tuple)):
+        node = next(iter(node.values())) if isinstance(node, dict) else node[0]
+    return node
+
+
+def _wrapped(wraps: list[Callable[[Any], Any]]) -> Any:
+    node: Any = "leaf"
+    for wrap in wraps:
+        node = wrap(node)
+    return node
+
+
+@given(wraps=st.lists(st.sampled_from(list(NESTINGS.values())[:4]), max_size=100))
+def test_any_nesting_within_100_deep_round_trips_through_the_manifest(
+    wraps: list[Callable[[Any], Any]],
+) -> None:
+    checkpoint = _wrapped(wraps)
+
+    root, refs = decode_manifest(encode(checkpoint).manifest)
+
+    assert build(root, refs, lambda ref: bytearray()) == checkpoint
+    assert _depth(root) == len(wraps)
+
+
+@given(wraps=st.lists(st.sampled_from(list(NESTINGS.values())[:4]), min_size=101))
+def test_any_nesting_deeper_than_100_is_refused_at_save(
+    wraps: list[Callable[[Any], Any]],
+) -> None:
+    checkpoint = _wrapped(wraps)
+
+    with pytest.raises(UnsupportedTypeError, match="nested more than 100 deep"):
+        encode(checkpoint)
