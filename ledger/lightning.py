@@ -256,10 +256,11 @@ def _build_dataclass(cls: type, items: dict[str, Any], path: str) -> Any:
             _name(cls),
             f"stored fields {sorted(items)} differ from the class's {sorted(names)}",
         )
-    obj = cls(**{f.name: items[f.name] for f in fields if f.init})
+    # As stored, field by field: calling __init__ would rerun __post_init__,
+    # which may change the values it computed before the save.
+    obj: Any = object.__new__(cls)
     for f in fields:
-        if not f.init:
-            object.__setattr__(obj, f.name, items[f.name])
+        object.__setattr__(obj, f.name, items[f.name])
     return obj
 
 

@@ -497,6 +497,49 @@ def test_ddp_writes_only_on_rank_zero_and_both_ranks_resume_from_one_event(
     assert [ev.kind for ev in plugin_events].count("expire") >= 1
 
 
+@dataclasses.dataclass
+class Scaled:
+    lr: float
+    calls: int = dataclasses.field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.lr *= 10
+        self.calls += 1
+
+
+class Carrying(Regressor):
+    """Puts `extra` into its checkpoints and keeps what it loads back."""
+
+    extra: dict[str, Any] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["extra"] = self.extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded = checkpoint["extra"]
+
+
+def test_dataclasses_come_back_as_saved_without_rerunning_post_init(
+    tmp_path: Path,
+) -> None:
+    schedule = Schedule(warmup=2)
+    object.__setattr__(schedule, "seen", 9)
+    net = model(Carrying)
+    net.extra = {"scaled": Scaled(0.1), "schedule": schedule}
+    types = [Scaled, Schedule]
+    trainer(1, callbacks=[LedgerCheckpoint(tmp_path, "dc", types=types)]).fit(
+        net, data()
+    )
+    back = model(Carrying)
+
+    callback = LedgerCheckpoint(tmp_path, "dc", types=types)
+    trainer(2, callbacks=[callback]).fit(back, data(), ckpt_path="ledger:last")
+
+    assert back.loaded == net.extra
+    assert (back.loaded["scaled"].lr, back.loaded["scaled"].calls) == (1.0, 1)
+    assert back.loaded["schedule"].seen == 9
+
+
 class KillAt(pl.Callback):
     def __init__(self, epoch: int, batch: int) -> None:
         self.at = (epoch, batch)
