@@ -368,10 +368,12 @@ class LedgerCheckpointIO(CheckpointIO):
     `last.ckpt` save carries none).
 
     `ckpt_path="ledger:last"` (or best, final, auto, `#<event>`, a digest)
-    resumes from the ledger and records a resume event. Used on its own the
-    plugin cannot tell `fit` from `validate` or `test`, so every `ledger:` load
-    records a resume; with a `LedgerCheckpoint` callback on the Trainer, only
-    loads under `fit` do. An ordinary path loads without a resume event.
+    resumes from the ledger and records a resume event, once the checkpoint
+    was found rebuildable (a type missing from `types=` records none). Used
+    on its own the plugin cannot tell `fit` from `validate` or `test`, so
+    every `ledger:` load records a resume; with a `LedgerCheckpoint` callback
+    on the Trainer, only loads under `fit` do. An ordinary path loads
+    without a resume event.
 
     Lightning calls `save_checkpoint` and `remove_checkpoint` on global rank 0
     only and holds the other ranks at its barrier, so these write on rank 0
@@ -499,6 +501,9 @@ class LedgerCheckpointIO(CheckpointIO):
                 )
             checkpoint = run.read_save(seq, map_location=where)
         elif self.stage in (None, "fit"):
+            # Rebuild before recording: a checkpoint this reader cannot rebuild
+            # must not appear in the ledger as resumed from.
+            self._check_rebuild(run, ref)
             resumed = run.resume(ref, map_location=where)
             if resumed is None:
                 raise UnknownReferenceError(
@@ -523,6 +528,29 @@ class LedgerCheckpointIO(CheckpointIO):
         self._handle.close()
         if self.fallback is not None:
             self.fallback.teardown()
+
+    def _check_rebuild(self, run: Run, ref: int | str) -> None:
+        """Raise CheckpointTypeError if the save `ref` names cannot be rebuilt.
+
+        Only manifests are read: every tagged value lives in the manifest, the
+        tensors in blobs of their own. For "auto", the newest save whose
+        manifest reads is the one `Run.resume` will take.
+        """
+        if ref == "auto":
+            state = run.refresh()
+            saves = [state.saves[seq] for seq in sorted(state.live, reverse=True)]
+        else:
+            saves = [run.resolve(ref)]
+        for info in saves:
+            try:
+                manifest = run.store.blobs.get(info.manifest)
+                root, _ = decode_manifest(bytes(manifest))
+            except (CorruptBlobError, MissingBlobError, ManifestError):
+                continue  # Run.resume skips it or reports the damage
+            if isinstance(root, dict):
+                root.pop(PATH_KEY, None)
+            self.types.rebuild(root)
+            return
 
     def _release(self, run: Run, seq: int, reason: str) -> None:
         state = run.refresh()

@@ -540,6 +540,24 @@ def test_dataclasses_come_back_as_saved_without_rerunning_post_init(
     assert back.loaded["schedule"].seen == 9
 
 
+def test_a_resume_that_cannot_rebuild_the_checkpoint_records_no_resume(
+    tmp_path: Path,
+) -> None:
+    net = model(Carrying)
+    net.extra = {"colour": Colour.RED}
+    trainer(1, callbacks=[LedgerCheckpoint(tmp_path, "t", types=[Colour])]).fit(
+        net, data()
+    )
+    callback = LedgerCheckpoint(tmp_path, "t")
+
+    with pytest.raises(CheckpointTypeError, match="types="):
+        trainer(2, callbacks=[callback]).fit(
+            model(Carrying), data(), ckpt_path="ledger:last"
+        )
+
+    assert callback.run.history("resume") == []
+
+
 class KillAt(pl.Callback):
     def __init__(self, epoch: int, batch: int) -> None:
         self.at = (epoch, batch)
