@@ -21,6 +21,7 @@ import enum
 import logging
 import os
 import pathlib
+import random
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -653,7 +654,10 @@ class LedgerCheckpoint(Checkpoint):
     cuts short is not saved, and final is then not recorded (a warning says
     so). Numbers logged by validation are recorded only in epochs that
     validated (`check_val_every_n_epoch`), so an older epoch's score never
-    promotes. Under `fast_dev_run` it does nothing at all, as Lightning saves nothing.
+    promotes. Every checkpoint also holds the torch (CPU and CUDA), numpy and
+    Python `random` generator states, restored on resume so that a resumed
+    run draws what an uninterrupted one would; under DDP they are rank 0's.
+    Under `fast_dev_run` it does nothing at all, as Lightning saves nothing.
     With a LedgerCheckpointIO plugin on the Trainer, `ModelCheckpoint(
     save_last="link")` is refused: nothing is written to disk to link to.
     Reading `run` or `best_model_path` is never a collective, so one rank
@@ -757,6 +761,17 @@ class LedgerCheckpoint(Checkpoint):
             trainer.strategy.checkpoint_io = self.io
         self.io.stage = stage
 
+    def state_dict(self) -> dict[str, Any]:
+        """The random number generators' states, saved with every checkpoint of
+        the trainer so that a resumed run draws what an uninterrupted one would."""
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Restored at once: Lightning draws the first epoch's shuffle and
+        # loader seeds when the fit loop sets up its data, before any hook.
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
+
     def on_validation_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
@@ -835,3 +850,54 @@ def _is_same(a: Any, b: Any) -> bool:
     if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
         return a.shape == b.shape and bool(torch.equal(a, b))
     return bool(a is b or a == b)
+
+
+def _rng_states() -> dict[str, Any]:
+    # Plain values only (no pickle): tensors, an array, ints, floats, strings.
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": keys,
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": version,
+            "state": list(internal),
+            "gauss_next": gauss_next,
+        },
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([state.cpu() for state in cuda])
+        else:
+            log.warning(
+                "saved %d CUDA generator states, this process sees %d devices: "
+                "CUDA draws will differ from an uninterrupted run",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+    numpy = states["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            np.asarray(numpy["keys"], dtype=np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["gauss"],
+        )
+    )
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -536,6 +538,49 @@ def test_an_epoch_cut_off_by_max_steps_is_neither_saved_nor_final(
     state = callback.run.state()
     assert [ev.epoch for ev in callback.run.history("save")] == [1, 2]
     assert state.final is None
+
+
+class Noisy(Regressor):
+    """Dropout, and draws from numpy and Python's random in every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8),
+            torch.nn.Tanh(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(8, 1),
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        scale = 1.0 + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return scale * super().training_step(batch, batch_idx)
+
+
+def shuffled() -> DataLoader:
+    return DataLoader(data().dataset, batch_size=8, shuffle=True)
+
+
+def test_resume_restores_random_states_and_ends_like_an_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+    whole = model(Noisy)  # seeds torch, numpy and random
+    trainer(callbacks=[LedgerCheckpoint(tmp_path / "a", "rng")]).fit(whole, shuffled())
+    stopped = model(Noisy)
+    trainer(2, callbacks=[LedgerCheckpoint(tmp_path / "b", "rng")]).fit(
+        stopped, shuffled()
+    )
+    resumed = model(Noisy)
+    # A fresh process would start from other states than those saved.
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+
+    again = LedgerCheckpoint(tmp_path / "b", "rng")
+    trainer(callbacks=[again]).fit(resumed, shuffled(), ckpt_path="ledger:last")
+
+    assert_same(resumed.state_dict(), whole.state_dict())
+    assert len(again.run.history("resume")) == 1
 
 
 def test_a_plugin_save_after_fit_records_the_epochs_completed(
