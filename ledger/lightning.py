@@ -853,14 +853,16 @@ def _is_same(a: Any, b: Any) -> bool:
 
 
 def _rng_states() -> dict[str, Any]:
-    # Plain values only (no pickle): tensors, an array, ints, floats, strings.
+    # Plain values only: tensors, ints, floats, strings and lists, which the
+    # codec stores and torch.load(weights_only=True) reads from the files
+    # another ModelCheckpoint writes (a numpy array it would refuse).
     kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     version, internal, gauss_next = random.getstate()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {
             "kind": kind,
-            "keys": keys,
+            "keys": [int(key) for key in keys],
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "gauss": float(gauss),

@@ -583,6 +583,20 @@ def test_resume_restores_random_states_and_ends_like_an_uninterrupted_fit(
     assert len(again.run.history("resume")) == 1
 
 
+def test_checkpoint_files_beside_the_callback_load_with_weights_only(
+    tmp_path: Path,
+) -> None:
+    files = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer(2, callbacks=[LedgerCheckpoint(tmp_path, "files"), files]).fit(
+        model(), data()
+    )
+
+    loaded = torch.load(files.last_model_path, weights_only=True)
+
+    rng = loaded["callbacks"]["LedgerCheckpoint"]["rng"]
+    assert isinstance(rng["numpy"]["keys"], list)
+
+
 def test_a_plugin_save_after_fit_records_the_epochs_completed(
     tmp_path: Path,
 ) -> None:
