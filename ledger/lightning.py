@@ -654,9 +654,13 @@ class LedgerCheckpoint(Checkpoint):
     cuts short is not saved, and final is then not recorded (a warning says
     so). Numbers logged by validation are recorded only in epochs that
     validated (`check_val_every_n_epoch`), so an older epoch's score never
-    promotes. Every checkpoint also holds the torch (CPU and CUDA), numpy and
-    Python `random` generator states, restored on resume so that a resumed
-    run draws what an uninterrupted one would; under DDP they are rank 0's.
+    promotes; a run with `on_nonfinite="refuse"` watching such a number
+    refuses the saves of the other epochs, so give it `every_n_epochs` equal
+    to `check_val_every_n_epoch` and a final epoch that validates.
+
+    Every checkpoint also holds the torch (CPU and CUDA), numpy and Python
+    `random` generator states, restored on resume so that a resumed run
+    draws what an uninterrupted one would; under DDP they are rank 0's.
     Under `fast_dev_run` it does nothing at all, as Lightning saves nothing.
     With a LedgerCheckpointIO plugin on the Trainer, `ModelCheckpoint(
     save_last="link")` is refused: nothing is written to disk to link to.
