@@ -6,6 +6,11 @@ run's best-policy promote and records final; `LedgerCheckpointIO` makes
 ledger. Lightning puts more than plain data in checkpoints, so a short, explicit
 list of types is written as tagged dicts and rebuilt on load (never by pickle);
 the cost is that any other type is refused and must be converted by the user.
+
+`fit(ckpt_path="last")` does not read the ledger: Lightning looks for a
+`last.ckpt` file on disk and, finding none, trains from scratch with a warning
+(it resolves "last" before any callback or plugin runs, through no public
+hook). Resume with `ckpt_path="ledger:last"`.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import enum
 import logging
 import os
 import pathlib
+import random
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -27,7 +33,7 @@ import torch
 try:
     import lightning.pytorch as pl
     from lightning.fabric.utilities.data import AttributeDict
-    from lightning.pytorch.callbacks import Checkpoint
+    from lightning.pytorch.callbacks import Checkpoint, ModelCheckpoint
     from lightning.pytorch.plugins.io import CheckpointIO
 except ImportError as exc:
     raise ImportError(
@@ -83,15 +89,32 @@ class CheckpointTypeError(LedgerError, TypeError):
         super().__init__(f"cannot rebuild {type_name} at {path or '<root>'}: {hint}")
 
 
-def ledger_epoch(current_epoch: int) -> int:
-    """The ledger's epoch for Lightning's `current_epoch`: the one place they meet.
+def ledger_epoch(progress: Mapping[str, Any]) -> int:
+    """The ledger's epoch for a Lightning fit loop: the one place they meet.
 
-    Lightning counts epochs from 0 and saves at the end of epoch `i` while
-    `current_epoch == i`; the ledger counts completed epochs from 1, so that
-    save is epoch `i + 1`. A save made during epoch `i` (every N steps) is
-    recorded with the same epoch and told apart by its step.
+    `progress` is the fit loop's epoch progress (`ready`, `started`,
+    `processed`, `completed`), as `fit_loop.epoch_progress.current.state_dict()`
+    gives it and a checkpoint holds it under `loops.fit_loop.epoch_progress`.
+    The ledger's epoch is the number of training epochs that ran to their
+    end: Lightning counts an epoch as processed just before its
+    `on_train_epoch_end`, so a save there is of that epoch (the first is 1),
+    a save made after `fit` counts every epoch once, and a save made during
+    an epoch (every N steps) records the epochs before it, told apart by its
+    step.
     """
-    return current_epoch + 1
+    return int(progress["processed"])
+
+
+def _checkpoint_epoch(checkpoint: Mapping[str, Any]) -> int | None:
+    # A full checkpoint holds its fit loop's progress. A weights-only one has
+    # just Lightning's `epoch`, the epoch in progress: read as the end of it,
+    # it is one too high for a save made after `fit` (documented).
+    try:
+        progress = checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]
+    except (KeyError, TypeError):
+        epoch = checkpoint.get("epoch")
+        return epoch + 1 if type(epoch) is int else None
+    return ledger_epoch(progress)
 
 
 def parse_reference(path: str | Path) -> int | str | None:
@@ -256,10 +279,11 @@ def _build_dataclass(cls: type, items: dict[str, Any], path: str) -> Any:
             _name(cls),
             f"stored fields {sorted(items)} differ from the class's {sorted(names)}",
         )
-    obj = cls(**{f.name: items[f.name] for f in fields if f.init})
+    # As stored, field by field: calling __init__ would rerun __post_init__,
+    # which may change the values it computed before the save.
+    obj: Any = object.__new__(cls)
     for f in fields:
-        if not f.init:
-            object.__setattr__(obj, f.name, items[f.name])
+        object.__setattr__(obj, f.name, items[f.name])
     return obj
 
 
@@ -316,6 +340,13 @@ class _RunHandle:
             self._store = None
         self._run = self._alone_run = None
 
+    def peek(self) -> Run:
+        """The run, open collectively already, else opened on this rank alone."""
+        if self._run is not None and self._pid == os.getpid():
+            return self._run
+        with rank_alone():
+            return self.open(alone=True)
+
     def is_same(self, other: _RunHandle) -> bool:
         return (self.path, self.name) == (other.path, other.name)
 
@@ -367,10 +398,18 @@ class LedgerCheckpointIO(CheckpointIO):
     `last.ckpt` save carries none).
 
     `ckpt_path="ledger:last"` (or best, final, auto, `#<event>`, a digest)
-    resumes from the ledger and records a resume event. Used on its own the
-    plugin cannot tell `fit` from `validate` or `test`, so every `ledger:` load
-    records a resume; with a `LedgerCheckpoint` callback on the Trainer, only
-    loads under `fit` do. An ordinary path loads without a resume event.
+    resumes from the ledger and records a resume event, once the checkpoint
+    was found rebuildable (a type missing from `types=` records none). Used
+    on its own the plugin cannot tell `fit` from `validate` or `test`, so
+    every `ledger:` load records a resume; with a `LedgerCheckpoint` callback
+    on the Trainer, only loads under `fit` do. An ordinary path loads
+    without a resume event.
+
+    A save's epoch is the fit loop's count of epochs run to their end, so a
+    save made after `fit` counts each epoch once; a weights-only checkpoint
+    holds no loop state, and one saved after `fit` is recorded one epoch too
+    high. `ModelCheckpoint(save_last="link")` cannot work over the plugin (it
+    links to a file never written): use `save_last=True`.
 
     Lightning calls `save_checkpoint` and `remove_checkpoint` on global rank 0
     only and holds the other ranks at its barrier, so these write on rank 0
@@ -439,10 +478,10 @@ class LedgerCheckpointIO(CheckpointIO):
             replaced = self._index(run).get(key)
             plain = self.types.plain(checkpoint)
             plain[PATH_KEY] = key
-            epoch, step = checkpoint.get("epoch"), checkpoint.get("global_step")
+            step = checkpoint.get("global_step")
             result = run.save(
                 plain,
-                epoch=ledger_epoch(epoch) if type(epoch) is int else None,
+                epoch=_checkpoint_epoch(checkpoint),
                 step=step if type(step) is int else None,
                 metrics=_numbers(_scores_for(checkpoint, os.fspath(path))),
             )
@@ -498,6 +537,9 @@ class LedgerCheckpointIO(CheckpointIO):
                 )
             checkpoint = run.read_save(seq, map_location=where)
         elif self.stage in (None, "fit"):
+            # Rebuild before recording: a checkpoint this reader cannot rebuild
+            # must not appear in the ledger as resumed from.
+            self._check_rebuild(run, ref)
             resumed = run.resume(ref, map_location=where)
             if resumed is None:
                 raise UnknownReferenceError(
@@ -522,6 +564,29 @@ class LedgerCheckpointIO(CheckpointIO):
         self._handle.close()
         if self.fallback is not None:
             self.fallback.teardown()
+
+    def _check_rebuild(self, run: Run, ref: int | str) -> None:
+        """Raise CheckpointTypeError if the save `ref` names cannot be rebuilt.
+
+        Only manifests are read: every tagged value lives in the manifest, the
+        tensors in blobs of their own. For "auto", the newest save whose
+        manifest reads is the one `Run.resume` will take.
+        """
+        if ref == "auto":
+            state = run.refresh()
+            saves = [state.saves[seq] for seq in sorted(state.live, reverse=True)]
+        else:
+            saves = [run.resolve(ref)]
+        for info in saves:
+            try:
+                manifest = run.store.blobs.get(info.manifest)
+                root, _ = decode_manifest(bytes(manifest))
+            except (CorruptBlobError, MissingBlobError, ManifestError):
+                continue  # Run.resume skips it or reports the damage
+            if isinstance(root, dict):
+                root.pop(PATH_KEY, None)
+            self.types.rebuild(root)
+            return
 
     def _release(self, run: Run, seq: int, reason: str) -> None:
         state = run.refresh()
@@ -585,6 +650,23 @@ class LedgerCheckpoint(Checkpoint):
     the ledger, only global rank 0 writes, and every rank returns after the
     commit and reads the same `last_seq`.
 
+    Only epochs that ran to their end are saved: an epoch that `max_steps`
+    cuts short is not saved, and final is then not recorded (a warning says
+    so). Numbers logged by validation are recorded only in epochs that
+    validated (`check_val_every_n_epoch`), so an older epoch's score never
+    promotes; a run with `on_nonfinite="refuse"` watching such a number
+    refuses the saves of the other epochs, so give it `every_n_epochs` equal
+    to `check_val_every_n_epoch` and a final epoch that validates.
+
+    Every checkpoint also holds the torch (CPU and CUDA), numpy and Python
+    `random` generator states, restored on resume so that a resumed run
+    draws what an uninterrupted one would; under DDP they are rank 0's.
+    Under `fast_dev_run` it does nothing at all, as Lightning saves nothing.
+    With a LedgerCheckpointIO plugin on the Trainer, `ModelCheckpoint(
+    save_last="link")` is refused: nothing is written to disk to link to.
+    Reading `run` or `best_model_path` is never a collective, so one rank
+    may read them alone, after `fit` as well.
+
     It also lets `Trainer.fit(ckpt_path="ledger:last")` resume (see
     `LedgerCheckpointIO`); without a LedgerCheckpointIO on the Trainer it wraps
     the current CheckpointIO, so other checkpoint files are written as before.
@@ -601,7 +683,8 @@ class LedgerCheckpoint(Checkpoint):
 
     Raises:
         PolicyError: at `fit`, when the run's final epoch is not the Trainer's
-            `max_epochs` (final would be recorded early or never).
+            `max_epochs` (final would be recorded early or never), or when
+            ModelCheckpoint(save_last="link") would store through the plugin.
     """
 
     def __init__(
@@ -625,11 +708,17 @@ class LedgerCheckpoint(Checkpoint):
         self.io: LedgerCheckpointIO | None = None
         self.last_seq: int | None = None
         self._final_epoch: int | None = None
+        self._is_disabled = False
+        self._validated_epoch: int | None = None
+        self._validation_names: set[str] = set()
+        self._before_validation: dict[str, Any] = {}
 
     @property
     def run(self) -> Run:
-        """The run this callback writes (opened on first use)."""
-        return self._handle.open()
+        """The run this callback writes. Reading it is never a collective: a
+        run not open in this process (before or after `fit`) is opened on
+        this rank alone, so rank 0 may read it while the others do not."""
+        return self._handle.peek()
 
     @property
     def best_model_path(self) -> str:
@@ -641,6 +730,18 @@ class LedgerCheckpoint(Checkpoint):
     def setup(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str
     ) -> None:
+        # Lightning checkpoints nothing under fast_dev_run, and forces
+        # max_epochs=1: the run is left alone, not even opened.
+        self._is_disabled = bool(getattr(trainer, "fast_dev_run", False))
+        if self._is_disabled:
+            return
+        current = trainer.strategy.checkpoint_io
+        is_ours = isinstance(current, LedgerCheckpointIO) and current._handle.is_same(
+            self._handle
+        )
+        if isinstance(current, LedgerCheckpointIO) and current.fallback is None:
+            _refuse_link(trainer)
+
         # Check the Trainer before the run is opened (and maybe created).
         options = self._handle.options or self._handle.open().options
         final, max_epochs = options.final_epoch, trainer.max_epochs
@@ -652,11 +753,10 @@ class LedgerCheckpoint(Checkpoint):
                 )
         run = self._handle.open()
         self._final_epoch = final
+        self._validated_epoch = None
         self.last_seq = run.refresh().last
-        current = trainer.strategy.checkpoint_io
-        if isinstance(current, LedgerCheckpointIO) and current._handle.is_same(
-            self._handle
-        ):
+        if is_ours:
+            assert isinstance(current, LedgerCheckpointIO)
             self.io = current
             self.io._handle = self._handle
             self.io.types.add(self.types.known.values())
@@ -665,15 +765,57 @@ class LedgerCheckpoint(Checkpoint):
             trainer.strategy.checkpoint_io = self.io
         self.io.stage = stage
 
+    def state_dict(self) -> dict[str, Any]:
+        """The random number generators' states, saved with every checkpoint of
+        the trainer so that a resumed run draws what an uninterrupted one would."""
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Restored at once: Lightning draws the first epoch's shuffle and
+        # loader seeds when the fit loop sets up its data, before any hook.
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
+
+    def on_validation_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        self._before_validation = dict(trainer.callback_metrics)
+
+    def on_validation_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> None:
+        # The names validation logged (sanity checking included) are those it
+        # added or changed; they go stale in an epoch that does not validate.
+        before = self._before_validation
+        for name, value in trainer.callback_metrics.items():
+            if name not in before or not _is_same(before[name], value):
+                self._validation_names.add(name)
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._validated_epoch = trainer.current_epoch
+
     def on_train_epoch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule
     ) -> None:
-        epoch = ledger_epoch(trainer.current_epoch)
-        is_final = epoch == self._final_epoch
-        if trainer.sanity_checking or bool(getattr(trainer, "fast_dev_run", False)):
+        if self._is_disabled or trainer.sanity_checking:
             return
+        epoch = ledger_epoch(trainer.fit_loop.epoch_progress.current.state_dict())
+        if _is_cut_off(trainer):
+            log.warning(
+                "run %s: max_steps=%d stopped epoch %d before its end: it is not "
+                "saved, and final is not recorded; raise max_steps to finish it",
+                self._handle.name,
+                trainer.max_steps,
+                epoch,
+            )
+            return
+        is_final = epoch == self._final_epoch
         if epoch % self.every_n_epochs and not is_final:
             return
+        metrics = dict(trainer.callback_metrics)
+        if self._validated_epoch != trainer.current_epoch:
+            # Validation skipped this epoch: its numbers are an older epoch's.
+            for name in self._validation_names & metrics.keys():
+                del metrics[name]
         run = self._handle.open()
         # The trainer's own dump, as trainer.save_checkpoint makes it; called
         # on every rank, since a sharded strategy gathers inside it.
@@ -682,9 +824,86 @@ class LedgerCheckpoint(Checkpoint):
             self.types.plain(checkpoint),
             epoch=epoch,
             step=trainer.global_step,
-            metrics=_numbers(trainer.callback_metrics),
+            metrics=_numbers(metrics),
         )
         if is_final:
             run.finalize("last" if result is None else result.seq)
         # Read after the collective returned: rank 0's commit is visible to all.
         self.last_seq = run.refresh().last
+
+
+def _refuse_link(trainer: pl.Trainer) -> None:
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.save_last == "link":
+            raise PolicyError(
+                "ModelCheckpoint(save_last='link') cannot store through "
+                "LedgerCheckpointIO (no file is written to link to): use "
+                "save_last=True"
+            )
+
+
+def _is_cut_off(trainer: pl.Trainer) -> bool:
+    """True when max_steps ended the current epoch before its last batch."""
+    if trainer.max_steps in (None, -1) or trainer.global_step < trainer.max_steps:
+        return False
+    ready = trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    return bool(ready < trainer.num_training_batches)
+
+
+def _is_same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b))
+    return bool(a is b or a == b)
+
+
+def _rng_states() -> dict[str, Any]:
+    # Plain values only: tensors, ints, floats, strings and lists, which the
+    # codec stores and torch.load(weights_only=True) reads from the files
+    # another ModelCheckpoint writes (a numpy array it would refuse).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, gauss_next = random.getstate()
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": [int(key) for key in keys],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "gauss": float(gauss),
+        },
+        "python": {
+            "version": version,
+            "state": list(internal),
+            "gauss_next": gauss_next,
+        },
+    }
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"].cpu())
+    cuda = states.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all([state.cpu() for state in cuda])
+        else:
+            log.warning(
+                "saved %d CUDA generator states, this process sees %d devices: "
+                "CUDA draws will differ from an uninterrupted run",
+                len(cuda),
+                torch.cuda.device_count(),
+            )
+    numpy = states["numpy"]
+    np.random.set_state(
+        (
+            numpy["kind"],
+            np.asarray(numpy["keys"], dtype=np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["gauss"],
+        )
+    )
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss_next"]))

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import random
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ledger import (
     BestPolicy,
+    MetricWarning,
     PolicyError,
     RunOptions,
     RunState,
@@ -171,8 +174,14 @@ def test_core_package_imports_without_lightning() -> None:
     assert b"pip install 'ckpt-ledger[lightning]'" in plugin.stderr
 
 
-def test_ledger_epoch_counts_completed_epochs_from_one() -> None:
-    assert [ledger_epoch(i) for i in (0, 1, 4)] == [1, 2, 5]
+def test_ledger_epoch_counts_the_epochs_that_ran_to_their_end() -> None:
+    in_end_hook = {"ready": 2, "started": 2, "processed": 2, "completed": 1}
+    mid_epoch = {"ready": 2, "started": 2, "processed": 1, "completed": 1}
+    after_fit = {"ready": 2, "started": 2, "processed": 2, "completed": 2}
+
+    epochs = [ledger_epoch(p) for p in (in_end_hook, mid_epoch, after_fit)]
+
+    assert epochs == [2, 1, 2]
 
 
 def test_parse_reference_reads_ledger_references_and_leaves_paths() -> None:
@@ -494,7 +503,211 @@ def test_ddp_writes_only_on_rank_zero_and_both_ranks_resume_from_one_event(
     assert reports[0]["weights"] == reports[1]["weights"]
     assert [ev.epoch for ev in events if ev.kind == "save"] == [1, 2, 3]
     assert reports[0]["best"] == reports[1]["best"]
+    assert reports[0]["callback_best"].startswith("ledger:#")
     assert [ev.kind for ev in plugin_events].count("expire") >= 1
+
+
+def test_a_save_in_an_epoch_without_validation_carries_no_stale_score(
+    tmp_path: Path,
+) -> None:
+    options = RunOptions(best=BestPolicy("val_loss", mode="min"))
+    callback = LedgerCheckpoint(tmp_path, "val", options=options)
+    fit = trainer(callbacks=[callback], check_val_every_n_epoch=2)
+
+    with pytest.warns(MetricWarning, match="'val_loss' is missing"):
+        fit.fit(model(Validated), data(), data())
+
+    state = callback.run.state()
+    saves = callback.run.history("save")
+    assert [ev.epoch for ev in saves] == [1, 2, 3, 4]
+    assert ["val_loss" in ev.metrics for ev in saves] == [False, True, False, True]
+    assert "train_loss" in saves[2].metrics
+    promoted = {ev.target for ev in callback.run.history("promote")}
+    assert promoted <= {saves[1].seq, saves[3].seq}
+    assert state.epoch_of(state.best) in (2, 4)
+
+
+def test_an_epoch_cut_off_by_max_steps_is_neither_saved_nor_final(
+    tmp_path: Path,
+) -> None:
+    options = RunOptions(final_epoch=3)
+    callback = LedgerCheckpoint(tmp_path, "steps", options=options)
+
+    trainer(max_epochs=3, max_steps=20, callbacks=[callback]).fit(model(), data())
+
+    state = callback.run.state()
+    assert [ev.epoch for ev in callback.run.history("save")] == [1, 2]
+    assert state.final is None
+
+
+class Noisy(Regressor):
+    """Dropout, and draws from numpy and Python's random in every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 8),
+            torch.nn.Tanh(),
+            torch.nn.Dropout(0.3),
+            torch.nn.Linear(8, 1),
+        )
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        scale = 1.0 + 0.1 * random.random() + 0.1 * float(np.random.rand())
+        return scale * super().training_step(batch, batch_idx)
+
+
+def shuffled() -> DataLoader:
+    return DataLoader(data().dataset, batch_size=8, shuffle=True)
+
+
+def test_resume_restores_random_states_and_ends_like_an_uninterrupted_fit(
+    tmp_path: Path,
+) -> None:
+    whole = model(Noisy)  # seeds torch, numpy and random
+    trainer(callbacks=[LedgerCheckpoint(tmp_path / "a", "rng")]).fit(whole, shuffled())
+    stopped = model(Noisy)
+    trainer(2, callbacks=[LedgerCheckpoint(tmp_path / "b", "rng")]).fit(
+        stopped, shuffled()
+    )
+    resumed = model(Noisy)
+    # A fresh process would start from other states than those saved.
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+
+    again = LedgerCheckpoint(tmp_path / "b", "rng")
+    trainer(callbacks=[again]).fit(resumed, shuffled(), ckpt_path="ledger:last")
+
+    assert_same(resumed.state_dict(), whole.state_dict())
+    assert len(again.run.history("resume")) == 1
+
+
+def test_checkpoint_files_beside_the_callback_load_with_weights_only(
+    tmp_path: Path,
+) -> None:
+    files = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last=True)
+    trainer(2, callbacks=[LedgerCheckpoint(tmp_path, "files"), files]).fit(
+        model(), data()
+    )
+
+    loaded = torch.load(files.last_model_path, weights_only=True)
+
+    rng = loaded["callbacks"]["LedgerCheckpoint"]["rng"]
+    assert isinstance(rng["numpy"]["keys"], list)
+
+
+def test_a_plugin_save_after_fit_records_the_epochs_completed(
+    tmp_path: Path,
+) -> None:
+    io = LedgerCheckpointIO(tmp_path, "after")
+    fit = trainer(max_epochs=2, plugins=[io], enable_checkpointing=False)
+    fit.fit(model(), data())
+
+    fit.save_checkpoint(tmp_path / "after.ckpt")
+
+    with Store(tmp_path) as s:
+        assert [ev.epoch for ev in s.events("after", kind="save")] == [2]
+
+
+def test_fast_dev_run_leaves_the_run_alone(tmp_path: Path) -> None:
+    callback = LedgerCheckpoint(tmp_path, "dev", options=POLICY)
+
+    trainer(callbacks=[callback], fast_dev_run=True).fit(model(), data())
+
+    with Store(tmp_path) as s:
+        assert "dev" not in s.runs()
+
+
+def test_best_model_path_after_ddp_fit_is_read_without_a_collective(
+    tmp_path: Path,
+) -> None:
+    # A rank 0 alone, in a process group of one: a collective open would hang
+    # with two ranks, and with one it would show as a store reopened for it.
+    callback = LedgerCheckpoint(tmp_path, "alone", options=POLICY)
+    trainer(callbacks=[callback]).fit(model(), data())
+    assert callback._handle._run is None
+
+    path = callback.best_model_path
+
+    assert callback._handle._run is None
+    assert path == f"ledger:#{callback.run.state().best}"
+
+
+@dataclasses.dataclass
+class Scaled:
+    lr: float
+    calls: int = dataclasses.field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.lr *= 10
+        self.calls += 1
+
+
+class Carrying(Regressor):
+    """Puts `extra` into its checkpoints and keeps what it loads back."""
+
+    extra: dict[str, Any] = {}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["extra"] = self.extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.loaded = checkpoint["extra"]
+
+
+def test_dataclasses_come_back_as_saved_without_rerunning_post_init(
+    tmp_path: Path,
+) -> None:
+    schedule = Schedule(warmup=2)
+    object.__setattr__(schedule, "seen", 9)
+    net = model(Carrying)
+    net.extra = {"scaled": Scaled(0.1), "schedule": schedule}
+    types = [Scaled, Schedule]
+    trainer(1, callbacks=[LedgerCheckpoint(tmp_path, "dc", types=types)]).fit(
+        net, data()
+    )
+    back = model(Carrying)
+
+    callback = LedgerCheckpoint(tmp_path, "dc", types=types)
+    trainer(2, callbacks=[callback]).fit(back, data(), ckpt_path="ledger:last")
+
+    assert back.loaded == net.extra
+    assert (back.loaded["scaled"].lr, back.loaded["scaled"].calls) == (1.0, 1)
+    assert back.loaded["schedule"].seen == 9
+
+
+def test_a_resume_that_cannot_rebuild_the_checkpoint_records_no_resume(
+    tmp_path: Path,
+) -> None:
+    net = model(Carrying)
+    net.extra = {"colour": Colour.RED}
+    trainer(1, callbacks=[LedgerCheckpoint(tmp_path, "t", types=[Colour])]).fit(
+        net, data()
+    )
+    callback = LedgerCheckpoint(tmp_path, "t")
+
+    with pytest.raises(CheckpointTypeError, match="types="):
+        trainer(2, callbacks=[callback]).fit(
+            model(Carrying), data(), ckpt_path="ledger:last"
+        )
+
+    assert callback.run.history("resume") == []
+
+
+def test_model_checkpoint_save_last_link_over_the_plugin_is_refused(
+    tmp_path: Path,
+) -> None:
+    io = LedgerCheckpointIO(tmp_path, "link")
+    link = ModelCheckpoint(dirpath=tmp_path / "ckpts", save_last="link")
+    callback = LedgerCheckpoint(tmp_path, "link")
+    fit = trainer(callbacks=[callback, link], plugins=[io])
+
+    with pytest.raises(PolicyError, match="save_last=True"):
+        fit.fit(model(), data())
+
+    with Store(tmp_path) as s:
+        assert "link" not in s.runs()
 
 
 class KillAt(pl.Callback):
@@ -544,6 +757,8 @@ def main(argv: list[str]) -> None:
     report = Report(second)
     again = trainer(3, callbacks=[second, report], **ddp)
     again.fit(model(), data(), ckpt_path="ledger:last")
+    if rank == 0:  # a property read on one rank alone must not wait for others
+        report.report["callback_best"] = second.best_model_path
 
     # The plugin: rank 0 alone saves and removes, then every rank loads best.
     top = ModelCheckpoint(args.dir / "ckpts", monitor="train_loss", save_top_k=1)
