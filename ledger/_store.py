@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -102,11 +103,16 @@ class Store:
         self.lease_ttl = lease_ttl
         self.hook = hook
         db_path = self.path / "ledger.db"
-        if not db_path.exists() and _has_any_blob(self.path / "blobs"):
-            raise LedgerStateError(
-                f"{db_path} is missing but {self.path / 'blobs'} holds blobs: "
-                "restore ledger.db from a backup; refusing to start an empty history"
-            )
+        if _has_any_blob(self.path / "blobs"):
+            # An empty history beside blobs would let gc delete every one of
+            # them: a lost or emptied ledger.db is refused, never re-created.
+            lack = _lacks_history(db_path)
+            if lack is not None:
+                raise LedgerStateError(
+                    f"{db_path} {lack} but {self.path / 'blobs'} holds blobs: "
+                    "restore ledger.db from a backup; refusing to start an empty "
+                    "history"
+                )
         writable = True
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -271,7 +277,9 @@ class Store:
             "step": step,
             "manifest": manifest,
             "metric": metric,
-            "value": value,
+            # SQLite's REAL keeps no sign of zero: store (and hash) what it reads
+            # back, or the chain breaks on -0.0. The body keeps the exact value.
+            "value": None if value is None else float(value) + 0.0,
             "target": target,
             "body": msgpack.packb(dict(body or {}), use_bin_type=True),
             "time": utc_now(),
@@ -406,6 +414,33 @@ class Store:
         from ledger._audit import audit
 
         return audit(self, run=run, head=head, progress=progress)
+
+
+def _lacks_history(db_path: Path) -> str | None:
+    """Why `db_path` holds no history (missing, empty, no events), or None."""
+    if not db_path.exists():
+        return "is missing"
+    if db_path.stat().st_size == 0:
+        return "is empty (0 bytes)"
+    try:
+        conn = sqlite3.connect(
+            f"file:{db_path}?mode=ro", uri=True, isolation_level=None
+        )
+    except sqlite3.Error:
+        return None  # LedgerDB reports why it cannot be opened
+    try:
+        tables = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
+        ).fetchone()
+        if tables is None:
+            return "has no events table"
+        if conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is None:
+            return "holds no events"
+    except sqlite3.DatabaseError:
+        return None  # damaged or locked: LedgerDB reports the real cause
+    finally:
+        conn.close()
+    return None
 
 
 def _has_any_blob(blobs: Path) -> bool:
