@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,7 +28,7 @@ from ledger._events import (
     event_from_row,
     hashed_fields,
 )
-from ledger._gc import Problem
+from ledger._gc import Problem, damaged_ledger
 from ledger._gc import verify as verify_blobs
 from ledger._policies import RunOptions
 
@@ -117,6 +118,18 @@ def audit(
     Raises:
         UnknownReferenceError: no event belongs to `run`.
     """
+    try:
+        return _audit(store, run, head, progress)
+    except sqlite3.DatabaseError as exc:
+        return [damaged_ledger(store, exc)]
+
+
+def _audit(
+    store: Store,
+    run: str | None,
+    head: Head | tuple[int, str] | None,
+    progress: Progress | None,
+) -> list[Problem]:
     pinned = head if head is None or isinstance(head, Head) else Head(*head)
     if run is not None and not store.db.rows(
         "SELECT 1 FROM events WHERE run = ? LIMIT 1", [run]

@@ -10,6 +10,7 @@ large sweep runs.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from cas import CorruptBlobError, MissingBlobError
 from ledger._codec import TensorRef, decode_manifest
 from ledger._errors import ManifestError
+from ledger._schema import explain
 
 if TYPE_CHECKING:
     from ledger._store import Store
@@ -84,8 +86,30 @@ def collect(store: Store, *, grace: float = 3600.0, dry_run: bool = False) -> Gc
     """
     if grace < 0:
         raise ValueError(f"grace must be >= 0 seconds, got {grace}")
+    try:
+        return _collect(store, grace, dry_run)
+    except sqlite3.DatabaseError as exc:
+        # Every query runs before the first deletion, so nothing was deleted.
+        log.warning("gc refused: ledger.db is damaged (%s)", exc)
+        return GcReport(dry_run=dry_run, missing=[damaged_ledger(store, exc)])
+
+
+def damaged_ledger(store: Store, exc: sqlite3.DatabaseError) -> Problem:
+    """The Problem that a ledger.db SQLite cannot read stands for."""
+    return Problem(
+        None,
+        None,
+        None,
+        f"{store.db.path} cannot be read ({explain(exc, store.db.path)}); "
+        "gc deletes nothing until it is repaired",
+    )
+
+
+def _collect(store: Store, grace: float, dry_run: bool) -> GcReport:
     report = GcReport(dry_run=dry_run)
-    with store.db.write() as db:
+    # A dry run reads a snapshot and takes no lock, so it works on a read-only
+    # store and beside a writer.
+    with store.db.read() if dry_run else store.db.write() as db:
         now = time.time()
 
         # 1. Mark: digests of unexpired saves, and of leases still running.
