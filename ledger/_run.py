@@ -33,6 +33,7 @@ from ledger._events import Event, event_from_row
 from ledger._policies import BestPolicy, RunOptions, check_metrics
 from ledger._provenance import provenance
 from ledger._replay import RunState, SaveInfo, fold
+from ledger._runlock import claim
 
 if TYPE_CHECKING:
     from ledger._store import Store
@@ -134,6 +135,11 @@ class Run:
         )
         return fold((event_from_row(r) for r in rows), run=self.name)
 
+    def _claim_writer(self) -> None:
+        # A read-only store refuses the write itself, with its own message.
+        if not self.store.db.read_only:
+            claim(self.store.path, self.name, self.store)
+
     def history(self, kind: str | None = None) -> list[Event]:
         """The run's events in order, optionally of one kind."""
         return self.store.events(self.name, kind=kind)
@@ -173,6 +179,7 @@ class Run:
         def work() -> int:
             # Validation runs where the save is written (rank 0), so a refusal
             # reaches every rank through the broadcast instead of hanging it.
+            self._claim_writer()
             _check_counter("epoch", epoch)
             _check_counter("step", step)
             clean = check_metrics(metrics)
@@ -489,6 +496,7 @@ class Run:
         events: list[Event] = []
 
         def work() -> int | None:
+            self._claim_writer()
             if mode == "auto" and ref is None:
                 found = self._newest_intact(map_location)
                 if found is None:
@@ -572,9 +580,17 @@ class Run:
         final_epoch = self.options.final_epoch
 
         def work() -> int:
+            self._claim_writer()
             with self.store.db.write():
                 state = self.refresh()
                 target = self.resolve(ref)
+                if state.final is not None and state.final != target.seq:
+                    raise PolicyError(
+                        f"run {self.name!r} already has a final checkpoint, save "
+                        f"#{state.final} (event #{self._final_event_of(state.final)})"
+                        f"; a run has one final checkpoint: refusing save "
+                        f"#{target.seq}"
+                    )
                 if final_epoch is not None and target.epoch != final_epoch:
                     raise PolicyError(
                         f"run {self.name!r}: the final checkpoint must be the save "
@@ -611,6 +627,7 @@ class Run:
         """
 
         def work() -> int:
+            self._claim_writer()
             with self.store.db.write():
                 state = self.refresh()
                 target = self.resolve(ref)

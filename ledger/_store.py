@@ -41,6 +41,7 @@ from ledger._events import (
 from ledger._policies import Contract, RunOptions
 from ledger._provenance import provenance
 from ledger._replay import RunState
+from ledger._runlock import release
 from ledger._schema import LedgerDB
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class Store:
         if _has_any_blob(self.path / "blobs"):
             # An empty history beside blobs would let gc delete every one of
             # them: a lost or emptied ledger.db is refused, never re-created.
-            lack = _lacks_history(db_path)
+            lack = _not_a_ledger(db_path)
             if lack is not None:
                 raise LedgerStateError(
                     f"{db_path} {lack} but {self.path / 'blobs'} holds blobs: "
@@ -137,7 +138,8 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Close the ledger connection."""
+        """Close the ledger connection and give up the runs this store wrote."""
+        release(self)
         self.db.close()
 
     def _step(self, step: str, detail: str = "") -> None:
@@ -416,8 +418,8 @@ class Store:
         return audit(self, run=run, head=head, progress=progress)
 
 
-def _lacks_history(db_path: Path) -> str | None:
-    """Why `db_path` holds no history (missing, empty, no events), or None."""
+def _not_a_ledger(db_path: Path) -> str | None:
+    """Why `db_path` is no ledger (missing, empty, not ours), or None."""
     if not db_path.exists():
         return "is missing"
     if db_path.stat().st_size == 0:
@@ -429,13 +431,18 @@ def _lacks_history(db_path: Path) -> str | None:
     except sqlite3.Error:
         return None  # LedgerDB reports why it cannot be opened
     try:
-        tables = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events'"
-        ).fetchone()
-        if tables is None:
+        tables = {
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        }
+        if "events" not in tables:
             return "has no events table"
-        if conn.execute("SELECT 1 FROM events LIMIT 1").fetchone() is None:
-            return "holds no events"
+        if "meta" not in tables:
+            return "is not a ckpt ledger (no meta table)"
+        # A ledger of this schema with no events yet is a new store that may
+        # hold blobs already (a save in flight); gc and verify refuse it.
     except sqlite3.DatabaseError:
         return None  # damaged or locked: LedgerDB reports the real cause
     finally:

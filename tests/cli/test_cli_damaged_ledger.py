@@ -13,7 +13,7 @@ def _blob_files(store: Path) -> list[Path]:
     return sorted(p for p in (store / "blobs").rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("emptying", ["zero_bytes", "no_events_table", "no_events"])
+@pytest.mark.parametrize("emptying", ["zero_bytes", "no_events_table", "foreign"])
 @pytest.mark.parametrize("command", [["gc", "--grace", "0"], ["runs"], ["verify"]])
 def test_a_store_whose_ledger_lost_its_history_is_refused_and_keeps_its_blobs(
     filled_store: Path,
@@ -32,6 +32,7 @@ def test_a_store_whose_ledger_lost_its_history_is_refused_and_keeps_its_blobs(
         if emptying == "no_events_table":
             conn.execute("CREATE TABLE other (x)")
         else:
+            # an events table, but not of a ckpt ledger (no meta table)
             conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY)")
         conn.commit()
         conn.close()

@@ -358,7 +358,7 @@ def die(step, detail):
 
 store = Store(sys.argv[1], lease_ttl=float(sys.argv[2]), hook=die)
 shared = torch.full((64,), 1.0)
-store.run("r").save({"t0": shared, "new": torch.full((64,), 5.0)}, epoch=2)
+store.run("w").save({"t0": shared, "new": torch.full((64,), 5.0)}, epoch=2)
 """
 
 
