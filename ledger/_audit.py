@@ -449,7 +449,14 @@ class _Policy:
         return out
 
     def _resume(self, r: _Replay, ev: Event) -> list[str]:
-        save, out = _target(r, ev)
+        body, error = _body(ev)
+        save: _Save | None
+        out: list[str]
+        if ev.target is None and body.get("mode") in ("none", "auto"):
+            # A fresh start (or an auto resume that found no save) names none.
+            save, out = None, []
+        else:
+            save, out = _target(r, ev)
         if save is not None:
             if save.seq in r.expired:
                 out.append(
@@ -457,7 +464,6 @@ class _Policy:
                     "expired it"
                 )
             r.resume_targets.add(save.seq)
-        body, error = _body(ev)
         if error:
             return [*out, error]
         out.extend(_config_problems(body))

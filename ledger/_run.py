@@ -24,6 +24,7 @@ from cas import BlobStore, CorruptBlobError, MissingBlobError, hash_bytes
 from ledger._codec import Encoded, TensorRef, build, decode_manifest, encode
 from ledger._dist import agree_on_seq
 from ledger._errors import (
+    LedgerStateError,
     ManifestError,
     MetricError,
     PolicyError,
@@ -124,14 +125,19 @@ class Run:
             return fold((), self.refresh())
         if isinstance(at, bool) or not isinstance(at, (int, str)):
             raise PolicyError(f"at must be an event number or an ISO time, got {at!r}")
-        param: int | str
         if isinstance(at, int):
-            sql, param = "seq <= ?", at
+            last = at
         else:
-            sql, param = "time <= ?", _normalise_time(at)
+            # A prefix even if the clock stepped back: up to the newest event
+            # stamped at or before the time, with whatever precedes it.
+            row = self.store.db.db.execute(
+                "SELECT MAX(seq) FROM events WHERE run = ? AND time <= ?",
+                [self.name, _normalise_time(at)],
+            ).fetchone()
+            last = row[0] or 0
         rows = self.store.db.rows(
-            f"SELECT * FROM events WHERE run = ? AND {sql} ORDER BY seq",
-            [self.name, param],
+            "SELECT * FROM events WHERE run = ? AND seq <= ? ORDER BY seq",
+            [self.name, last],
         )
         return fold((event_from_row(r) for r in rows), run=self.name)
 
@@ -139,6 +145,18 @@ class Run:
         # A read-only store refuses the write itself, with its own message.
         if not self.store.db.read_only:
             claim(self.store.path, self.name, self.store)
+
+    def _check_config_recorded(self) -> None:
+        # A handle reopened with allow_config_change must first record the
+        # change in a resume event, or the ledger would never show it.
+        recorded = self.refresh().config_hash
+        if self.config_hash and recorded and recorded != self.config_hash:
+            keys = ", ".join(self.config_diff) or "unknown keys"
+            raise PolicyError(
+                f"run {self.name!r} was reopened with a changed config ({keys}) "
+                "that no event records yet: call run.resume(...) first (resume("
+                '"none") to start fresh)'
+            )
 
     def history(self, kind: str | None = None) -> list[Event]:
         """The run's events in order, optionally of one kind."""
@@ -180,6 +198,7 @@ class Run:
             # Validation runs where the save is written (rank 0), so a refusal
             # reaches every rank through the broadcast instead of hanging it.
             self._claim_writer()
+            self._check_config_recorded()
             _check_counter("epoch", epoch)
             _check_counter("step", step)
             clean = check_metrics(metrics)
@@ -476,8 +495,10 @@ class Run:
         """Resume training: resolve a checkpoint, load it, record a resume event.
 
         Args:
-            mode: "none" (start fresh: returns None), "auto" (`ref` if given,
-                else the newest intact save; None when there is none), "last",
+            mode: "none" (start fresh: returns None, and records a resume
+                event naming no save when the run has saves or a changed
+                config), "auto" (`ref` if given, else the newest intact save;
+                None when there is none), "last",
                 "best", "final", or an explicit reference (event number or
                 manifest digest).
             ref: with "auto", an explicit reference to prefer.
@@ -489,17 +510,21 @@ class Run:
             UnknownReferenceError: the mode names no checkpoint.
             cas.CorruptBlobError, cas.MissingBlobError: the named checkpoint is
                 damaged (with "auto" a damaged save is skipped with a warning).
+            LedgerStateError: with "auto", every live save is damaged.
         """
-        if mode == "none":
-            return None
         loaded: list[tuple[SaveInfo, Any]] = []
         events: list[Event] = []
 
         def work() -> int | None:
             self._claim_writer()
+            if mode == "none":
+                self._start_fresh("none", seed)
+                return None
             if mode == "auto" and ref is None:
                 found = self._newest_intact(map_location)
                 if found is None:
+                    self._refuse_all_damaged()
+                    self._start_fresh("auto", seed)
                     return None
                 loaded.append(found)
             else:
@@ -511,13 +536,7 @@ class Run:
                 )
             info = loaded[0][0]
             with self.store.db.write():
-                body = {
-                    "config": self.config,
-                    "config_hash": self.config_hash,
-                    "config_diff": self.config_diff,
-                    "mode": str(mode),
-                    "provenance": provenance(self.seed if seed is None else seed),
-                }
+                body = self._resume_body(str(mode), seed)
                 ev = self.store._append(
                     self.name,
                     "resume",
@@ -552,6 +571,39 @@ class Run:
             config_diff=dict(self.config_diff),
         )
 
+    def _start_fresh(self, mode: str, seed: int | None) -> None:
+        # Starting over on a run with saves is a decision the ledger records,
+        # as is a changed config; otherwise there is nothing to record.
+        state = self.refresh()
+        if not state.saves and state.config_hash == self.config_hash:
+            return
+        with self.store.db.write():
+            ev = self.store._append(
+                self.name, "resume", body=self._resume_body(mode, seed)
+            )
+        log.info("run %s started fresh (#%d)", self.name, ev.seq)
+
+    def _refuse_all_damaged(self) -> None:
+        state = self.refresh()
+        if not state.live:
+            return
+        damaged = ", ".join(
+            f"#{seq} (epoch {state.saves[seq].epoch})" for seq in sorted(state.live)
+        )
+        raise LedgerStateError(
+            f"run {self.name!r}: every save is damaged ({damaged}): run `ckpt "
+            'verify`, or call resume("none") to start over deliberately'
+        )
+
+    def _resume_body(self, mode: str, seed: int | None) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "config_diff": self.config_diff,
+            "mode": mode,
+            "provenance": provenance(self.seed if seed is None else seed),
+        }
+
     def _newest_intact(
         self, map_location: str | torch.device | None
     ) -> tuple[SaveInfo, Any] | None:
@@ -581,6 +633,7 @@ class Run:
 
         def work() -> int:
             self._claim_writer()
+            self._check_config_recorded()
             with self.store.db.write():
                 state = self.refresh()
                 target = self.resolve(ref)
@@ -628,6 +681,7 @@ class Run:
 
         def work() -> int:
             self._claim_writer()
+            self._check_config_recorded()
             with self.store.db.write():
                 state = self.refresh()
                 target = self.resolve(ref)
