@@ -185,11 +185,11 @@ def verify(
     """
     where, params = (" AND run = ?", [run]) if run else ("", [])
     saves = store.db.rows(_LIVE_SAVES + where + " ORDER BY seq", params)
-    listed: dict[int, set[str]] = defaultdict(set)
+    listed: dict[int, dict[str, int]] = defaultdict(dict)
     for row in store.db.rows(
         _LIVE_REFS + (" AND e.run = ?" if run else ""), [run] if run else []
     ):
-        listed[row["seq"]].add(row["digest"])
+        listed[row["seq"]][row["digest"]] = row["size"]
     known = {s["manifest"] for s in saves} | {d for ds in listed.values() for d in ds}
     blobs = _BlobCheck(store, len(known), progress)
     problems: list[Problem] = []
@@ -209,6 +209,19 @@ def verify(
                         f"{reason}: restore it or expire the save",
                     )
                 )
+            size = blobs.expected_size(digest, nbytes)
+            if digest in listed[seq] and size is not None:
+                if listed[seq][digest] != size:
+                    problems.append(
+                        Problem(
+                            seq,
+                            run_name,
+                            digest,
+                            f"the refs table records {listed[seq][digest]} bytes, "
+                            f"the save needs {size}: gc checks blobs by that size; "
+                            "restore ledger.db from a backup",
+                        )
+                    )
             if digest not in listed[seq]:
                 problems.append(
                     Problem(
@@ -277,6 +290,18 @@ class _BlobCheck:
                 reason = _blob_reason(exc)
             self._seen(digest, reason)
         return self.seen[digest]
+
+    def expected_size(self, digest: str, nbytes: int | None) -> int | None:
+        """The size a blob must have: the manifest's word for a tensor, the
+        blob's own size for a sound manifest (its digest proves it)."""
+        if nbytes is not None:
+            return nbytes
+        if digest in self.manifests and self.seen.get(digest) is None:
+            try:
+                return self.blobs.size_of(digest)
+            except (MissingBlobError, OSError, ValueError):
+                return None
+        return None
 
     def _seen(self, digest: str, reason: str | None) -> None:
         self.seen[digest] = reason
