@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from cas import BlobStore, CorruptBlobError, MissingBlobError, hash_bytes
@@ -126,6 +127,10 @@ class Run:
         if isinstance(at, bool) or not isinstance(at, (int, str)):
             raise PolicyError(f"at must be an event number or an ISO time, got {at!r}")
         if isinstance(at, int):
+            if not 0 <= at < 2**63:
+                raise PolicyError(
+                    f"at must be an event number from 0 to 2**63 - 1, got {at}"
+                )
             last = at
         else:
             # A prefix even if the clock stepped back: up to the newest event
@@ -199,24 +204,30 @@ class Run:
             # reaches every rank through the broadcast instead of hanging it.
             self._claim_writer()
             self._check_config_recorded()
-            _check_counter("epoch", epoch)
-            _check_counter("step", step)
+            at_epoch = _counter("epoch", epoch)
+            at_step = _counter("step", step)
             clean = check_metrics(metrics)
             options = self.options
-            watched = _watched_value(options.best, clean, epoch, options.on_nonfinite)
+            if options.best is not None and at_epoch is None:
+                _check_step_only(self.name, options.best)
+            watched = _watched_value(
+                options.best, clean, at_epoch, options.on_nonfinite
+            )
             if options.best is not None and (
                 watched is None or not math.isfinite(watched[1])
             ):
                 shown = "missing" if watched is None else watched[1]
                 warnings.warn(
-                    f"run {self.name}: epoch {epoch}: watched metric "
+                    f"run {self.name}: epoch {at_epoch}: watched metric "
                     f"{options.best.metric!r} is {shown}: saved, but it cannot be "
                     "promoted",
                     MetricWarning,
                     stacklevel=4,
                 )
             encoded = encode(checkpoint)
-            saved = self._commit_save(encoded, epoch, step, clean, watched, options)
+            saved = self._commit_save(
+                encoded, at_epoch, at_step, clean, watched, options
+            )
             result.append(saved)
             return saved.seq
 
@@ -391,8 +402,11 @@ class Run:
                     + (" (no save has been promoted)" if ref == "best" else "")
                 )
         elif isinstance(ref, int) or (
-            isinstance(ref, str) and ref.isdigit() and len(ref) < 8
+            # Only ASCII digits are event numbers ("¹" and "٣" are digits too).
+            isinstance(ref, str) and ref.isascii() and ref.isdigit() and len(ref) < 8
         ):
+            if not 0 < int(ref) < 2**63:
+                raise UnknownReferenceError(f"no event #{ref} in run {self.name!r}")
             seq = self._save_of_event(int(ref))
         elif isinstance(ref, str) and len(ref) >= 8 and _is_hex(ref):
             matches = [s for s in state.saves.values() if s.manifest.startswith(ref)]
@@ -675,8 +689,8 @@ class Run:
         """Release a save (an expire event) so gc may collect its blobs.
 
         Raises:
-            PolicyError: the save is the run's best or final checkpoint (expiring
-                the last save makes `load("last")` refuse until the next save).
+            PolicyError: the save is the run's last, best or final checkpoint,
+                or a save a resume came from (retention keeps those too).
         """
 
         def work() -> int:
@@ -685,10 +699,22 @@ class Run:
             with self.store.db.write():
                 state = self.refresh()
                 target = self.resolve(ref)
-                if target.seq in (state.best, state.final):
+                roles = [
+                    role
+                    for role, seq in (
+                        ("last", state.last),
+                        ("best", state.best),
+                        ("final", state.final),
+                    )
+                    if seq == target.seq
+                ]
+                if target.seq in state.resume_targets:
+                    roles.append("resumed-from")
+                if roles:
                     raise PolicyError(
-                        f"save #{target.seq} is the run's best or final checkpoint "
-                        "and cannot be expired"
+                        f"save #{target.seq} of run {self.name!r} is its "
+                        f"{' and '.join(roles)} checkpoint and cannot be expired "
+                        "(retention keeps it too)"
                     )
                 ev = self.store._append(
                     self.name,
@@ -806,13 +832,26 @@ def _watched_value(
     return best.metric, value
 
 
-def _check_counter(name: str, value: Any) -> None:
+def _counter(name: str, value: Any) -> int | None:
     if value is None:
-        return
+        return None
+    if isinstance(value, np.integer):
+        value = value.item()
     # SQLite stores integers of at most 64 bits (signed).
     if type(value) is not int or not 0 <= value < 2**63:
         raise PolicyError(
             f"{name} must be an int from 0 to 2**63 - 1 (or None), got {value!r}"
+        )
+    return value
+
+
+def _check_step_only(run: str, best: BestPolicy) -> None:
+    # Warm-up is counted in epochs: a save without one cannot be judged
+    # eligible, so it would be promoted during the warm-up.
+    if best.first_epoch > 1:
+        raise PolicyError(
+            f"run {run!r} promotes from epoch {best.first_epoch} on (warm-up), so "
+            "a save needs its epoch: pass epoch= to save"
         )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
@@ -181,6 +182,7 @@ class Store:
                 "(up to 128 characters, starting with a letter or digit)"
             )
         config = dict(config or {})
+        _check_config(config)
         canonical = canonical_json(config)
         config_hash = blake3.blake3(canonical.encode()).hexdigest()
         options = options if options is not None else RunOptions()
@@ -470,6 +472,34 @@ def canonical_json(config: Mapping[str, Any]) -> str:
             f"config must be JSON-serialisable (dicts, lists, str, numbers, bool, "
             f"None): {exc}"
         ) from exc
+
+
+def _check_config(value: Any, path: str = "") -> None:
+    """Refuse what a config cannot hold faithfully: NaN and infinities (not
+    JSON), and strings with lone surrogates (not UTF-8), naming the key."""
+    where = path or "<root>"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(
+            f"config key {where} is {value}: a config must hold finite numbers "
+            "(use None or a string)"
+        )
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise PolicyError(
+                f"config key {where} holds a string that is not valid UTF-8 (a "
+                f"lone surrogate): {value!r:.60}"
+            ) from None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_config(
+                key, f"{path}.<key {key!r:.40}>" if path else f"<key {key!r:.40}>"
+            )
+            _check_config(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_config(item, f"{path}.{index}" if path else str(index))
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
