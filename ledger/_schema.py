@@ -150,6 +150,10 @@ class LedgerDB:
                         + _SCHEMA
                         + "INSERT OR IGNORE INTO meta VALUES "
                         + f"('schema_version', '{SCHEMA_VERSION}');"
+                        # Marks a ledger created empty by this code (never
+                        # beside blobs); see Store's check of an empty ledger.
+                        + "INSERT OR IGNORE INTO meta VALUES ('created', "
+                        + "strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));"
                         + "COMMIT;"
                     )
                     self.has_written = True

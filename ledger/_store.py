@@ -443,8 +443,12 @@ def _not_a_ledger(db_path: Path) -> str | None:
             return "has no events table"
         if "meta" not in tables:
             return "is not a ckpt ledger (no meta table)"
-        # A ledger of this schema with no events yet is a new store that may
-        # hold blobs already (a save in flight); gc and verify refuse it.
+        # A ledger created by this code (marked `created`) with no events yet
+        # is a new store whose first save may be in flight. Without the mark,
+        # its schema was written over an emptied file by an older version.
+        created = conn.execute("SELECT 1 FROM meta WHERE key = 'created'").fetchone()
+        if created is None and conn.execute("SELECT 1 FROM events").fetchone() is None:
+            return "holds no events (its schema was written over an emptied file)"
     except sqlite3.DatabaseError:
         return None  # damaged or locked: LedgerDB reports the real cause
     finally:

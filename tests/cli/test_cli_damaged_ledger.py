@@ -8,12 +8,16 @@ from typing import Any
 
 import pytest
 
+from ledger._schema import _SCHEMA
+
 
 def _blob_files(store: Path) -> list[Path]:
     return sorted(p for p in (store / "blobs").rglob("*") if p.is_file())
 
 
-@pytest.mark.parametrize("emptying", ["zero_bytes", "no_events_table", "foreign"])
+@pytest.mark.parametrize(
+    "emptying", ["zero_bytes", "no_events_table", "foreign", "schema_only"]
+)
 @pytest.mark.parametrize("command", [["gc", "--grace", "0"], ["runs"], ["verify"]])
 def test_a_store_whose_ledger_lost_its_history_is_refused_and_keeps_its_blobs(
     filled_store: Path,
@@ -31,6 +35,10 @@ def test_a_store_whose_ledger_lost_its_history_is_refused_and_keeps_its_blobs(
         conn = sqlite3.connect(db)
         if emptying == "no_events_table":
             conn.execute("CREATE TABLE other (x)")
+        elif emptying == "schema_only":
+            # what an older ckpt wrote into a zero-byte ledger.db: no events
+            conn.executescript(_SCHEMA)
+            conn.execute("INSERT INTO meta VALUES ('schema_version', '1')")
         else:
             # an events table, but not of a ckpt ledger (no meta table)
             conn.execute("CREATE TABLE events (seq INTEGER PRIMARY KEY)")
