@@ -31,6 +31,7 @@ from ledger._events import (
 from ledger._gc import Problem, damaged_ledger
 from ledger._gc import verify as verify_blobs
 from ledger._policies import RunOptions
+from ledger._schema import LedgerReadError
 
 if TYPE_CHECKING:
     from ledger._store import Store
@@ -94,10 +95,10 @@ class Head:
 def head(store: Store) -> Head:
     """The chain head: the newest event's number and hash (0 and the genesis
     hash while the ledger is empty)."""
-    row = store.db.db.execute(
-        "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
-    ).fetchone()
-    return Head(0, GENESIS_HASH) if row is None else Head(int(row[0]), str(row[1]))
+    rows = store.db.rows("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+    if not rows:
+        return Head(0, GENESIS_HASH)
+    return Head(int(rows[0]["seq"]), str(rows[0]["hash"]))
 
 
 def audit(
@@ -120,7 +121,7 @@ def audit(
     """
     try:
         return _audit(store, run, head, progress)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, LedgerReadError) as exc:
         return [damaged_ledger(store, exc)]
 
 

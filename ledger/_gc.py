@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from cas import CorruptBlobError, MissingBlobError
 from ledger._codec import TensorRef, decode_manifest
 from ledger._errors import ManifestError
-from ledger._schema import explain
+from ledger._schema import LedgerReadError, explain
 
 if TYPE_CHECKING:
     from ledger._store import Store
@@ -88,20 +88,27 @@ def collect(store: Store, *, grace: float = 3600.0, dry_run: bool = False) -> Gc
         raise ValueError(f"grace must be >= 0 seconds, got {grace}")
     try:
         return _collect(store, grace, dry_run)
-    except sqlite3.DatabaseError as exc:
+    except (sqlite3.DatabaseError, LedgerReadError) as exc:
         # Every query runs before the first deletion, so nothing was deleted.
-        log.warning("gc refused: ledger.db is damaged (%s)", exc)
         return GcReport(dry_run=dry_run, missing=[damaged_ledger(store, exc)])
 
 
-def damaged_ledger(store: Store, exc: sqlite3.DatabaseError) -> Problem:
+def damaged_ledger(
+    store: Store, exc: sqlite3.DatabaseError | LedgerReadError
+) -> Problem:
     """The Problem that a ledger.db SQLite cannot read stands for."""
+    cause = exc.__cause__ if isinstance(exc, LedgerReadError) else exc
+    reason = (
+        explain(cause, store.db.path)
+        if isinstance(cause, sqlite3.DatabaseError)
+        else str(exc)
+    )
     return Problem(
         None,
         None,
         None,
-        f"{store.db.path} cannot be read ({explain(exc, store.db.path)}); "
-        "gc deletes nothing until it is repaired",
+        f"{store.db.path} cannot be read ({reason}); gc deletes nothing until it "
+        "is repaired",
     )
 
 

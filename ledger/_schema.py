@@ -78,6 +78,10 @@ CREATE TRIGGER IF NOT EXISTS refs_no_delete BEFORE DELETE ON refs
 """
 
 
+class LedgerReadError(LedgerStateError):
+    """SQLite could not read the ledger: a damaged file, a failing disk."""
+
+
 class LedgerDB:
     """One connection to `<store>/ledger.db`, with the cross-process write lock.
 
@@ -250,8 +254,17 @@ class LedgerDB:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def rows(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        """Run a query and return its rows as dicts."""
-        return list(self.db.query(sql, params))
+        """Run a query and return its rows as dicts.
+
+        Raises:
+            LedgerReadError: SQLite could not read the ledger.
+        """
+        try:
+            return list(self.db.query(sql, params))
+        except sqlite3.DatabaseError as exc:
+            raise LedgerReadError(
+                f"cannot read ledger {self.path}: {explain(exc, self.path)}"
+            ) from exc
 
     def close(self) -> None:
         """Close the connection; the final WAL checkpoint runs under the lock.

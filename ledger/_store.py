@@ -377,15 +377,15 @@ class Store:
 
     def usage(self) -> Usage:
         """Logical against physical bytes: how much deduplication saves."""
-        logical_row = self.db.db.execute(
-            "SELECT COALESCE(SUM(r.size), 0), COUNT(DISTINCT r.seq) FROM refs r "
-            "JOIN events e ON e.seq = r.seq WHERE e.kind = 'save'"
-        ).fetchone()
+        (logical,) = self.db.rows(
+            "SELECT COALESCE(SUM(r.size), 0) AS bytes, COUNT(DISTINCT r.seq) AS saves "
+            "FROM refs r JOIN events e ON e.seq = r.seq WHERE e.kind = 'save'"
+        )
         physical = blobs = 0
         for info in self.blobs.iter_blobs():
             physical += info.size
             blobs += 1
-        return Usage(int(logical_row[0]), physical, blobs, int(logical_row[1]))
+        return Usage(int(logical["bytes"]), physical, blobs, int(logical["saves"]))
 
     def gc(self, *, grace: float = 3600.0, dry_run: bool = False) -> Any:
         """Collect garbage: see `ledger._gc.collect`."""

@@ -91,5 +91,20 @@ def test_gc_of_a_ledger_with_a_corrupt_page_refuses_and_deletes_nothing(
 
     assert result.code == 1
     assert "Traceback" not in result.err
-    assert "malformed" in result.err
+    assert "malformed" in result.out
     assert _blob_files(filled_store) == blobs
+
+
+@pytest.mark.parametrize(
+    "command", [["runs"], ["log", "pre"], ["show", "pre"], ["head"], ["du"]]
+)
+def test_reading_a_ledger_with_a_corrupt_page_is_one_line_with_exit_2(
+    filled_store: Path, ckpt: Callable[..., Any], command: list[str]
+) -> None:
+    _corrupt_events_page(filled_store / "ledger.db")
+
+    result = ckpt(*command)
+
+    assert result.code == 2
+    assert len(result.err.strip().splitlines()) == 1
+    assert "malformed" in result.err and "backup" in result.err
