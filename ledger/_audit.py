@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import sqlite3
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,9 +28,10 @@ from ledger._events import (
     event_from_row,
     hashed_fields,
 )
-from ledger._gc import Problem
+from ledger._gc import Problem, damaged_ledger
 from ledger._gc import verify as verify_blobs
 from ledger._policies import RunOptions
+from ledger._schema import LedgerReadError
 
 if TYPE_CHECKING:
     from ledger._store import Store
@@ -93,10 +95,10 @@ class Head:
 def head(store: Store) -> Head:
     """The chain head: the newest event's number and hash (0 and the genesis
     hash while the ledger is empty)."""
-    row = store.db.db.execute(
-        "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1"
-    ).fetchone()
-    return Head(0, GENESIS_HASH) if row is None else Head(int(row[0]), str(row[1]))
+    rows = store.db.rows("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1")
+    if not rows:
+        return Head(0, GENESIS_HASH)
+    return Head(int(rows[0]["seq"]), str(rows[0]["hash"]))
 
 
 def audit(
@@ -117,6 +119,18 @@ def audit(
     Raises:
         UnknownReferenceError: no event belongs to `run`.
     """
+    try:
+        return _audit(store, run, head, progress)
+    except (sqlite3.DatabaseError, LedgerReadError) as exc:
+        return [damaged_ledger(store, exc)]
+
+
+def _audit(
+    store: Store,
+    run: str | None,
+    head: Head | tuple[int, str] | None,
+    progress: Progress | None,
+) -> list[Problem]:
     pinned = head if head is None or isinstance(head, Head) else Head(*head)
     if run is not None and not store.db.rows(
         "SELECT 1 FROM events WHERE run = ? LIMIT 1", [run]
@@ -436,7 +450,14 @@ class _Policy:
         return out
 
     def _resume(self, r: _Replay, ev: Event) -> list[str]:
-        save, out = _target(r, ev)
+        body, error = _body(ev)
+        save: _Save | None
+        out: list[str]
+        if ev.target is None and body.get("mode") in ("none", "auto"):
+            # A fresh start (or an auto resume that found no save) names none.
+            save, out = None, []
+        else:
+            save, out = _target(r, ev)
         if save is not None:
             if save.seq in r.expired:
                 out.append(
@@ -444,7 +465,6 @@ class _Policy:
                     "expired it"
                 )
             r.resume_targets.add(save.seq)
-        body, error = _body(ev)
         if error:
             return [*out, error]
         out.extend(_config_problems(body))

@@ -1,8 +1,10 @@
 """Events: the immutable rows of the ledger and their chained hashes.
 
 An event's hash is blake3 over the previous event's hash and a canonical
-msgpack encoding of its own fields, so changing, dropping, reordering or
-inserting any row breaks the chain from that row on. The body (config,
+msgpack encoding of its own fields, so changing, reordering or inserting any
+row, or dropping one that later rows follow, breaks the chain from that row on.
+Cutting off the newest rows leaves a sound, shorter chain: only a head kept
+elsewhere (`ckpt verify --head`) shows it. The body (config,
 metrics, provenance) is stored as msgpack bytes and hashed as stored, so the
 hash never depends on how a dict happens to be ordered when read back.
 """

@@ -10,6 +10,7 @@ large sweep runs.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING
 from cas import CorruptBlobError, MissingBlobError
 from ledger._codec import TensorRef, decode_manifest
 from ledger._errors import ManifestError
+from ledger._schema import LedgerReadError, explain
 
 if TYPE_CHECKING:
     from ledger._store import Store
@@ -84,8 +86,37 @@ def collect(store: Store, *, grace: float = 3600.0, dry_run: bool = False) -> Gc
     """
     if grace < 0:
         raise ValueError(f"grace must be >= 0 seconds, got {grace}")
+    try:
+        return _collect(store, grace, dry_run)
+    except (sqlite3.DatabaseError, LedgerReadError) as exc:
+        # Every query runs before the first deletion, so nothing was deleted.
+        return GcReport(dry_run=dry_run, missing=[damaged_ledger(store, exc)])
+
+
+def damaged_ledger(
+    store: Store, exc: sqlite3.DatabaseError | LedgerReadError
+) -> Problem:
+    """The Problem that a ledger.db SQLite cannot read stands for."""
+    cause = exc.__cause__ if isinstance(exc, LedgerReadError) else exc
+    reason = (
+        explain(cause, store.db.path)
+        if isinstance(cause, sqlite3.DatabaseError)
+        else str(exc)
+    )
+    return Problem(
+        None,
+        None,
+        None,
+        f"{store.db.path} cannot be read ({reason}); gc deletes nothing until it "
+        "is repaired",
+    )
+
+
+def _collect(store: Store, grace: float, dry_run: bool) -> GcReport:
     report = GcReport(dry_run=dry_run)
-    with store.db.write() as db:
+    # A dry run reads a snapshot and takes no lock, so it works on a read-only
+    # store and beside a writer.
+    with store.db.read() if dry_run else store.db.write() as db:
         now = time.time()
 
         # 1. Mark: digests of unexpired saves, and of leases still running.
@@ -161,11 +192,11 @@ def verify(
     """
     where, params = (" AND run = ?", [run]) if run else ("", [])
     saves = store.db.rows(_LIVE_SAVES + where + " ORDER BY seq", params)
-    listed: dict[int, set[str]] = defaultdict(set)
+    listed: dict[int, dict[str, int]] = defaultdict(dict)
     for row in store.db.rows(
         _LIVE_REFS + (" AND e.run = ?" if run else ""), [run] if run else []
     ):
-        listed[row["seq"]].add(row["digest"])
+        listed[row["seq"]][row["digest"]] = row["size"]
     known = {s["manifest"] for s in saves} | {d for ds in listed.values() for d in ds}
     blobs = _BlobCheck(store, len(known), progress)
     problems: list[Problem] = []
@@ -185,6 +216,19 @@ def verify(
                         f"{reason}: restore it or expire the save",
                     )
                 )
+            size = blobs.expected_size(digest, nbytes)
+            if digest in listed[seq] and size is not None:
+                if listed[seq][digest] != size:
+                    problems.append(
+                        Problem(
+                            seq,
+                            run_name,
+                            digest,
+                            f"the refs table records {listed[seq][digest]} bytes, "
+                            f"the save needs {size}: gc checks blobs by that size; "
+                            "restore ledger.db from a backup",
+                        )
+                    )
             if digest not in listed[seq]:
                 problems.append(
                     Problem(
@@ -253,6 +297,18 @@ class _BlobCheck:
                 reason = _blob_reason(exc)
             self._seen(digest, reason)
         return self.seen[digest]
+
+    def expected_size(self, digest: str, nbytes: int | None) -> int | None:
+        """The size a blob must have: the manifest's word for a tensor, the
+        blob's own size for a sound manifest (its digest proves it)."""
+        if nbytes is not None:
+            return nbytes
+        if digest in self.manifests and self.seen.get(digest) is None:
+            try:
+                return self.blobs.size_of(digest)
+            except (MissingBlobError, OSError, ValueError):
+                return None
+        return None
 
     def _seen(self, digest: str, reason: str | None) -> None:
         self.seen[digest] = reason

@@ -18,6 +18,9 @@ import torch
 
 from ledger._errors import ContractViolationError, MetricError, PolicyError
 
+# Epochs and counts are stored as SQLite integers: signed, 64 bits.
+_INT64 = 2**63
+
 
 @dataclass(frozen=True)
 class BestPolicy:
@@ -49,16 +52,23 @@ class BestPolicy:
             raise PolicyError(
                 f"best tolerance must be a finite number >= 0, got {self.tolerance!r}"
             )
-        if not _is_int(self.warmup_epochs) or self.warmup_epochs < 0:
+        if not _is_int(self.warmup_epochs) or not 0 <= self.warmup_epochs < _INT64:
             raise PolicyError(
-                f"warmup_epochs must be an int >= 0, got {self.warmup_epochs!r}"
+                f"warmup_epochs must be an int from 0 to 2**63 - 1, "
+                f"got {self.warmup_epochs!r}"
             )
         if self.start_epoch is not None and (
-            not _is_int(self.start_epoch) or self.start_epoch < 1
+            not _is_int(self.start_epoch) or not 1 <= self.start_epoch < _INT64
         ):
             raise PolicyError(
-                f"start_epoch must be an int >= 1 (epochs count from 1), "
-                f"got {self.start_epoch!r}"
+                f"start_epoch must be an int from 1 to 2**63 - 1 (epochs count "
+                f"from 1), got {self.start_epoch!r}"
+            )
+        if self.start_epoch is not None and self.start_epoch <= self.warmup_epochs:
+            raise PolicyError(
+                f"start_epoch {self.start_epoch} falls inside the "
+                f"{self.warmup_epochs} warm-up epochs: give one of them, or a "
+                f"start_epoch after the warm-up (>= {self.warmup_epochs + 1})"
             )
 
     @property
@@ -111,17 +121,18 @@ class RunOptions:
         if self.best is not None and not isinstance(self.best, BestPolicy):
             raise PolicyError(f"best must be a BestPolicy, got {self.best!r}")
         if self.final_epoch is not None and (
-            not _is_int(self.final_epoch) or self.final_epoch < 1
+            not _is_int(self.final_epoch) or not 1 <= self.final_epoch < _INT64
         ):
             raise PolicyError(
-                f"final_epoch must be an int >= 1, got {self.final_epoch!r}"
+                f"final_epoch must be an int from 1 to 2**63 - 1, "
+                f"got {self.final_epoch!r}"
             )
         if self.keep_last is not None and (
-            not _is_int(self.keep_last) or self.keep_last < 1
+            not _is_int(self.keep_last) or not 1 <= self.keep_last < _INT64
         ):
             raise PolicyError(
-                f"keep_last must be an int >= 1 (or None to keep every save), "
-                f"got {self.keep_last!r}"
+                f"keep_last must be an int >= 1 and below 2**63 (or None to keep "
+                f"every save), got {self.keep_last!r}"
             )
         if self.on_nonfinite not in ("warn", "refuse"):
             raise PolicyError(
@@ -151,14 +162,17 @@ class Contract:
         """Every way `config` breaks the contract, one string each."""
         out = []
         for key, want in self.required.items():
-            found, have = _lookup(config, key)
+            # A key may be spelled flat ("model.dim") and nested at once:
+            # every spelling must hold the required value.
+            found = _lookup(config, key)
             if not found:
                 out.append(f"{key} is missing (must be {want!r})")
-            elif type(have) is bool or type(want) is bool:
-                if have is not want:
+            for have in found:
+                if type(have) is bool or type(want) is bool:
+                    if have is not want:
+                        out.append(f"{key} is {have!r}, must be {want!r}")
+                elif have != want:
                     out.append(f"{key} is {have!r}, must be {want!r}")
-            elif have != want:
-                out.append(f"{key} is {have!r}, must be {want!r}")
         return out
 
     def check(self, config: Mapping[str, Any]) -> None:
@@ -186,15 +200,17 @@ SLIDE_ENCODER_CONTRACT = Contract(
 """The contract of the two-stage slide-encoder recipe this project was built for."""
 
 
-def _lookup(config: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
-    if dotted in config:
-        return True, config[dotted]
-    node: Any = config
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
+def _lookup(node: Any, dotted: str) -> list[Any]:
+    """The values at every spelling of `dotted` in a config: flat, nested, mixed."""
+    if not isinstance(node, Mapping):
+        return []
+    found = [node[dotted]] if dotted in node else []
+    parts = dotted.split(".")
+    for cut in range(1, len(parts)):
+        head = ".".join(parts[:cut])
+        if head in node:
+            found.extend(_lookup(node[head], ".".join(parts[cut:])))
+    return found
 
 
 def metric_number(name: str, value: Any) -> float | int:
@@ -260,13 +276,21 @@ def rankme(embeddings: torch.Tensor | np.ndarray, eps: float = 1e-7) -> float:
 
     exp of the entropy of the singular values normalised to sum 1, with `eps`
     added to each normalised value. An identity matrix of size k gives k, a
-    rank-one matrix gives 1 (both up to `eps`).
+    rank-one matrix gives 1 (both up to `eps`). Embeddings holding NaN or inf
+    give NaN, which the best-policy never promotes.
+
+    Raises:
+        ValueError: not a non-empty 2-D matrix, or `eps` is not > 0.
     """
+    if not _is_real(eps) or not 0 < eps < math.inf:
+        raise ValueError(f"rankme eps must be a finite number > 0, got {eps!r}")
     z = torch.as_tensor(embeddings).detach().to(torch.float64)
     if z.ndim != 2 or z.numel() == 0:
         raise ValueError(
             f"rankme needs a non-empty 2-D matrix, got shape {tuple(z.shape)}"
         )
+    if not bool(torch.isfinite(z).all()):
+        return math.nan
     s = torch.linalg.svdvals(z)
     total = s.sum()
     if total <= 0:

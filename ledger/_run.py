@@ -18,12 +18,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from cas import BlobStore, CorruptBlobError, MissingBlobError, hash_bytes
 from ledger._codec import Encoded, TensorRef, build, decode_manifest, encode
 from ledger._dist import agree_on_seq
 from ledger._errors import (
+    LedgerStateError,
     ManifestError,
     MetricError,
     PolicyError,
@@ -33,6 +35,7 @@ from ledger._events import Event, event_from_row
 from ledger._policies import BestPolicy, RunOptions, check_metrics
 from ledger._provenance import provenance
 from ledger._replay import RunState, SaveInfo, fold
+from ledger._runlock import claim
 
 if TYPE_CHECKING:
     from ledger._store import Store
@@ -123,16 +126,42 @@ class Run:
             return fold((), self.refresh())
         if isinstance(at, bool) or not isinstance(at, (int, str)):
             raise PolicyError(f"at must be an event number or an ISO time, got {at!r}")
-        param: int | str
         if isinstance(at, int):
-            sql, param = "seq <= ?", at
+            if not 0 <= at < 2**63:
+                raise PolicyError(
+                    f"at must be an event number from 0 to 2**63 - 1, got {at}"
+                )
+            last = at
         else:
-            sql, param = "time <= ?", _normalise_time(at)
+            # A prefix even if the clock stepped back: up to the newest event
+            # stamped at or before the time, with whatever precedes it.
+            row = self.store.db.db.execute(
+                "SELECT MAX(seq) FROM events WHERE run = ? AND time <= ?",
+                [self.name, _normalise_time(at)],
+            ).fetchone()
+            last = row[0] or 0
         rows = self.store.db.rows(
-            f"SELECT * FROM events WHERE run = ? AND {sql} ORDER BY seq",
-            [self.name, param],
+            "SELECT * FROM events WHERE run = ? AND seq <= ? ORDER BY seq",
+            [self.name, last],
         )
         return fold((event_from_row(r) for r in rows), run=self.name)
+
+    def _claim_writer(self) -> None:
+        # A read-only store refuses the write itself, with its own message.
+        if not self.store.db.read_only:
+            claim(self.store.path, self.name, self.store)
+
+    def _check_config_recorded(self) -> None:
+        # A handle reopened with allow_config_change must first record the
+        # change in a resume event, or the ledger would never show it.
+        recorded = self.refresh().config_hash
+        if self.config_hash and recorded and recorded != self.config_hash:
+            keys = ", ".join(self.config_diff) or "unknown keys"
+            raise PolicyError(
+                f"run {self.name!r} was reopened with a changed config ({keys}) "
+                "that no event records yet: call run.resume(...) first (resume("
+                '"none") to start fresh)'
+            )
 
     def history(self, kind: str | None = None) -> list[Event]:
         """The run's events in order, optionally of one kind."""
@@ -173,24 +202,32 @@ class Run:
         def work() -> int:
             # Validation runs where the save is written (rank 0), so a refusal
             # reaches every rank through the broadcast instead of hanging it.
-            _check_counter("epoch", epoch)
-            _check_counter("step", step)
+            self._claim_writer()
+            self._check_config_recorded()
+            at_epoch = _counter("epoch", epoch)
+            at_step = _counter("step", step)
             clean = check_metrics(metrics)
             options = self.options
-            watched = _watched_value(options.best, clean, epoch, options.on_nonfinite)
+            if options.best is not None and at_epoch is None:
+                _check_step_only(self.name, options.best)
+            watched = _watched_value(
+                options.best, clean, at_epoch, options.on_nonfinite
+            )
             if options.best is not None and (
                 watched is None or not math.isfinite(watched[1])
             ):
                 shown = "missing" if watched is None else watched[1]
                 warnings.warn(
-                    f"run {self.name}: epoch {epoch}: watched metric "
+                    f"run {self.name}: epoch {at_epoch}: watched metric "
                     f"{options.best.metric!r} is {shown}: saved, but it cannot be "
                     "promoted",
                     MetricWarning,
                     stacklevel=4,
                 )
             encoded = encode(checkpoint)
-            saved = self._commit_save(encoded, epoch, step, clean, watched, options)
+            saved = self._commit_save(
+                encoded, at_epoch, at_step, clean, watched, options
+            )
             result.append(saved)
             return saved.seq
 
@@ -365,8 +402,11 @@ class Run:
                     + (" (no save has been promoted)" if ref == "best" else "")
                 )
         elif isinstance(ref, int) or (
-            isinstance(ref, str) and ref.isdigit() and len(ref) < 8
+            # Only ASCII digits are event numbers ("¹" and "٣" are digits too).
+            isinstance(ref, str) and ref.isascii() and ref.isdigit() and len(ref) < 8
         ):
+            if not 0 < int(ref) < 2**63:
+                raise UnknownReferenceError(f"no event #{ref} in run {self.name!r}")
             seq = self._save_of_event(int(ref))
         elif isinstance(ref, str) and len(ref) >= 8 and _is_hex(ref):
             matches = [s for s in state.saves.values() if s.manifest.startswith(ref)]
@@ -471,8 +511,10 @@ class Run:
         """Resume training: resolve a checkpoint, load it, record a resume event.
 
         Args:
-            mode: "none" (start fresh: returns None), "auto" (`ref` if given,
-                else the newest intact save; None when there is none), "last",
+            mode: "none" (start fresh: returns None, and records a resume
+                event naming no save when the run has saves or a changed
+                config), "auto" (`ref` if given, else the newest intact save;
+                None when there is none), "last",
                 "best", "final", or an explicit reference (event number or
                 manifest digest).
             ref: with "auto", an explicit reference to prefer.
@@ -484,16 +526,21 @@ class Run:
             UnknownReferenceError: the mode names no checkpoint.
             cas.CorruptBlobError, cas.MissingBlobError: the named checkpoint is
                 damaged (with "auto" a damaged save is skipped with a warning).
+            LedgerStateError: with "auto", every live save is damaged.
         """
-        if mode == "none":
-            return None
         loaded: list[tuple[SaveInfo, Any]] = []
         events: list[Event] = []
 
         def work() -> int | None:
+            self._claim_writer()
+            if mode == "none":
+                self._start_fresh("none", seed)
+                return None
             if mode == "auto" and ref is None:
                 found = self._newest_intact(map_location)
                 if found is None:
+                    self._refuse_all_damaged()
+                    self._start_fresh("auto", seed)
                     return None
                 loaded.append(found)
             else:
@@ -505,13 +552,7 @@ class Run:
                 )
             info = loaded[0][0]
             with self.store.db.write():
-                body = {
-                    "config": self.config,
-                    "config_hash": self.config_hash,
-                    "config_diff": self.config_diff,
-                    "mode": str(mode),
-                    "provenance": provenance(self.seed if seed is None else seed),
-                }
+                body = self._resume_body(str(mode), seed)
                 ev = self.store._append(
                     self.name,
                     "resume",
@@ -546,6 +587,39 @@ class Run:
             config_diff=dict(self.config_diff),
         )
 
+    def _start_fresh(self, mode: str, seed: int | None) -> None:
+        # Starting over on a run with saves is a decision the ledger records,
+        # as is a changed config; otherwise there is nothing to record.
+        state = self.refresh()
+        if not state.saves and state.config_hash == self.config_hash:
+            return
+        with self.store.db.write():
+            ev = self.store._append(
+                self.name, "resume", body=self._resume_body(mode, seed)
+            )
+        log.info("run %s started fresh (#%d)", self.name, ev.seq)
+
+    def _refuse_all_damaged(self) -> None:
+        state = self.refresh()
+        if not state.live:
+            return
+        damaged = ", ".join(
+            f"#{seq} (epoch {state.saves[seq].epoch})" for seq in sorted(state.live)
+        )
+        raise LedgerStateError(
+            f"run {self.name!r}: every save is damaged ({damaged}): run `ckpt "
+            'verify`, or call resume("none") to start over deliberately'
+        )
+
+    def _resume_body(self, mode: str, seed: int | None) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "config_hash": self.config_hash,
+            "config_diff": self.config_diff,
+            "mode": mode,
+            "provenance": provenance(self.seed if seed is None else seed),
+        }
+
     def _newest_intact(
         self, map_location: str | torch.device | None
     ) -> tuple[SaveInfo, Any] | None:
@@ -574,9 +648,18 @@ class Run:
         final_epoch = self.options.final_epoch
 
         def work() -> int:
+            self._claim_writer()
+            self._check_config_recorded()
             with self.store.db.write():
                 state = self.refresh()
                 target = self.resolve(ref)
+                if state.final is not None and state.final != target.seq:
+                    raise PolicyError(
+                        f"run {self.name!r} already has a final checkpoint, save "
+                        f"#{state.final} (event #{self._final_event_of(state.final)})"
+                        f"; a run has one final checkpoint: refusing save "
+                        f"#{target.seq}"
+                    )
                 if final_epoch is not None and target.epoch != final_epoch:
                     raise PolicyError(
                         f"run {self.name!r}: the final checkpoint must be the save "
@@ -608,18 +691,32 @@ class Run:
         """Release a save (an expire event) so gc may collect its blobs.
 
         Raises:
-            PolicyError: the save is the run's best or final checkpoint (expiring
-                the last save makes `load("last")` refuse until the next save).
+            PolicyError: the save is the run's last, best or final checkpoint,
+                or a save a resume came from (retention keeps those too).
         """
 
         def work() -> int:
+            self._claim_writer()
+            self._check_config_recorded()
             with self.store.db.write():
                 state = self.refresh()
                 target = self.resolve(ref)
-                if target.seq in (state.best, state.final):
+                roles = [
+                    role
+                    for role, seq in (
+                        ("last", state.last),
+                        ("best", state.best),
+                        ("final", state.final),
+                    )
+                    if seq == target.seq
+                ]
+                if target.seq in state.resume_targets:
+                    roles.append("resumed-from")
+                if roles:
                     raise PolicyError(
-                        f"save #{target.seq} is the run's best or final checkpoint "
-                        "and cannot be expired"
+                        f"save #{target.seq} of run {self.name!r} is its "
+                        f"{' and '.join(roles)} checkpoint and cannot be expired "
+                        "(retention keeps it too)"
                     )
                 ev = self.store._append(
                     self.name,
@@ -737,13 +834,26 @@ def _watched_value(
     return best.metric, value
 
 
-def _check_counter(name: str, value: Any) -> None:
+def _counter(name: str, value: Any) -> int | None:
     if value is None:
-        return
+        return None
+    if isinstance(value, np.integer):
+        value = value.item()
     # SQLite stores integers of at most 64 bits (signed).
     if type(value) is not int or not 0 <= value < 2**63:
         raise PolicyError(
             f"{name} must be an int from 0 to 2**63 - 1 (or None), got {value!r}"
+        )
+    return value
+
+
+def _check_step_only(run: str, best: BestPolicy) -> None:
+    # Warm-up is counted in epochs: a save without one cannot be judged
+    # eligible, so it would be promoted during the warm-up.
+    if best.first_epoch > 1:
+        raise PolicyError(
+            f"run {run!r} promotes from epoch {best.first_epoch} on (warm-up), so "
+            "a save needs its epoch: pass epoch= to save"
         )
 
 

@@ -5,8 +5,10 @@ checkpoint at the same moment (the WAL-reset bug). The ledger is therefore
 never written without holding an exclusive `flock` on `ledger.lock` beside it:
 every write transaction, and every checkpoint (they run inside COMMIT or at the
 close of a writing connection), happens under that lock, one process at a time.
-Readers take no lock. The cost is that writers of one store queue behind each
-other, which a checkpoint ledger (one append per save) never notices.
+Readers take no lock: WAL mode and the schema are set only when missing, and a
+connection that never wrote checkpoints at close only if the lock is free.
+The cost is that writers of one store queue behind each other, which a
+checkpoint ledger (one append per save) never notices.
 """
 
 from __future__ import annotations
@@ -76,6 +78,10 @@ CREATE TRIGGER IF NOT EXISTS refs_no_delete BEFORE DELETE ON refs
 """
 
 
+class LedgerReadError(LedgerStateError):
+    """SQLite could not read the ledger: a damaged file, a failing disk."""
+
+
 class LedgerDB:
     """One connection to `<store>/ledger.db`, with the cross-process write lock.
 
@@ -93,6 +99,7 @@ class LedgerDB:
         self.lock_timeout = lock_timeout
         self._lock_fd = -1
         self._depth = 0
+        self.has_written = False
         self.read_only = not create and not os.access(path.parent, os.W_OK)
         conn: sqlite3.Connection | None = None
         try:
@@ -107,8 +114,7 @@ class LedgerDB:
         except sqlite3.DatabaseError as exc:
             self._abandon(conn)
             raise LedgerStateError(
-                f"cannot open ledger {path}: {exc}; if the file is damaged, restore "
-                "it from a backup (the blobs are intact)"
+                f"cannot open ledger {path}: {explain(exc, path)}"
             ) from exc
         except BaseException:
             self._abandon(conn)
@@ -125,23 +131,38 @@ class LedgerDB:
     def _prepare(self, create: bool) -> None:
         self.db.execute("PRAGMA synchronous = FULL")
         self.db.execute("PRAGMA foreign_keys = ON")
-        # journal_mode must be set outside a transaction, yet under the lock.
-        self._lock()
-        try:
-            mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if mode != "wal":
-                log.warning("ledger %s is in %s mode, not WAL", self.path, mode)
-            if create:
-                # executescript runs the whole script as one transaction of its own.
-                self.db.conn.executescript(
-                    "BEGIN IMMEDIATE;"
-                    + _SCHEMA
-                    + "INSERT OR IGNORE INTO meta VALUES "
-                    + f"('schema_version', '{SCHEMA_VERSION}');"
-                    + "COMMIT;"
-                )
-        finally:
-            self._unlock()
+        has_schema = (
+            self.db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+            ).fetchone()
+            is not None
+        )
+        is_wal = self.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        if not is_wal or (create and not has_schema):
+            # journal_mode must be set outside a transaction, yet under the lock;
+            # a ledger already in WAL with its schema needs neither, so readers
+            # never wait for a writer here.
+            self._lock()
+            try:
+                mode = self.db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if mode != "wal":
+                    log.warning("ledger %s is in %s mode, not WAL", self.path, mode)
+                if create:
+                    # executescript runs the script as one transaction of its own.
+                    self.db.conn.executescript(
+                        "BEGIN IMMEDIATE;"
+                        + _SCHEMA
+                        + "INSERT OR IGNORE INTO meta VALUES "
+                        + f"('schema_version', '{SCHEMA_VERSION}');"
+                        # Marks a ledger created empty by this code (never
+                        # beside blobs); see Store's check of an empty ledger.
+                        + "INSERT OR IGNORE INTO meta VALUES ('created', "
+                        + "strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));"
+                        + "COMMIT;"
+                    )
+                    self.has_written = True
+            finally:
+                self._unlock()
         version = self.meta("schema_version")
         if version is not None and version != str(SCHEMA_VERSION):
             raise LedgerStateError(
@@ -168,6 +189,7 @@ class LedgerDB:
             raise RuntimeError("nested ledger write transaction")
         self._lock()
         self._depth += 1
+        self.has_written = True
         try:
             self.db.execute("BEGIN IMMEDIATE")
             try:
@@ -177,7 +199,9 @@ class LedgerDB:
                 raise
             self.db.execute("COMMIT")
         except sqlite3.OperationalError as exc:
-            raise LedgerStateError(f"ledger {self.path} write failed: {exc}") from exc
+            raise LedgerStateError(
+                f"ledger {self.path} write failed: {explain(exc, self.path)}"
+            ) from exc
         finally:
             self._depth -= 1
             self._unlock()
@@ -207,26 +231,85 @@ class LedgerDB:
                 time.sleep(delay)
                 delay = min(delay * 2, 0.05)
 
+    @contextlib.contextmanager
+    def read(self) -> Iterator[sqlite_utils.Database]:
+        """One read transaction: a consistent snapshot, taking no lock."""
+        self.db.execute("BEGIN")
+        try:
+            yield self.db
+        finally:
+            self.db.execute("COMMIT")
+
+    def _try_lock(self) -> bool:
+        try:
+            if self._lock_fd < 0:
+                self._lock_fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False
+        return True
+
     def _unlock(self) -> None:
         if self._lock_fd >= 0:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     def rows(self, sql: str, params: Any = ()) -> list[dict[str, Any]]:
-        """Run a query and return its rows as dicts."""
-        return list(self.db.query(sql, params))
+        """Run a query and return its rows as dicts.
+
+        Raises:
+            LedgerReadError: SQLite could not read the ledger.
+        """
+        try:
+            return list(self.db.query(sql, params))
+        except sqlite3.DatabaseError as exc:
+            raise LedgerReadError(
+                f"cannot read ledger {self.path}: {explain(exc, self.path)}"
+            ) from exc
 
     def close(self) -> None:
-        """Close the connection; the final WAL checkpoint runs under the lock."""
+        """Close the connection; the final WAL checkpoint runs under the lock.
+
+        A connection that never wrote does not wait for the lock: if another
+        process holds it, that process has the ledger open, so this close is
+        not the last one and runs no checkpoint.
+        """
         if self.read_only:
             self.db.conn.close()
             return
-        self._lock()
+        if self.has_written:
+            self._lock()
+            locked = True
+        else:
+            locked = self._try_lock()
         try:
             self.db.conn.close()
         finally:
-            self._unlock()
-            os.close(self._lock_fd)
+            if locked:
+                self._unlock()
+            if self._lock_fd >= 0:
+                os.close(self._lock_fd)
             self._lock_fd = -1
+
+
+def explain(exc: sqlite3.DatabaseError, path: Path) -> str:
+    """The likely cause of an SQLite error on `path`, and what to do."""
+    text = str(exc)
+    lowered = text.lower()
+    if "locked" in lowered or "busy" in lowered:
+        return (
+            f"{text}: another process holds a write transaction on it; find it "
+            f"with `fuser {path}`, or retry later"
+        )
+    if "full" in lowered:
+        return f"{text}: free space on the disk holding {path.parent}, then retry"
+    if "malformed" in lowered or "not a database" in lowered:
+        return (
+            f"{text}: the file is damaged; restore it from a backup (the blobs "
+            "are intact)"
+        )
+    if "i/o" in lowered:
+        return f"{text}: check the disk (dmesg, SMART) and that the store is mounted"
+    return text
 
 
 def _connect_read_only(path: Path) -> sqlite3.Connection:

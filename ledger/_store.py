@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -40,6 +42,7 @@ from ledger._events import (
 from ledger._policies import Contract, RunOptions
 from ledger._provenance import provenance
 from ledger._replay import RunState
+from ledger._runlock import release
 from ledger._schema import LedgerDB
 
 if TYPE_CHECKING:
@@ -102,11 +105,16 @@ class Store:
         self.lease_ttl = lease_ttl
         self.hook = hook
         db_path = self.path / "ledger.db"
-        if not db_path.exists() and _has_any_blob(self.path / "blobs"):
-            raise LedgerStateError(
-                f"{db_path} is missing but {self.path / 'blobs'} holds blobs: "
-                "restore ledger.db from a backup; refusing to start an empty history"
-            )
+        if _has_any_blob(self.path / "blobs"):
+            # An empty history beside blobs would let gc delete every one of
+            # them: a lost or emptied ledger.db is refused, never re-created.
+            lack = _not_a_ledger(db_path)
+            if lack is not None:
+                raise LedgerStateError(
+                    f"{db_path} {lack} but {self.path / 'blobs'} holds blobs: "
+                    "restore ledger.db from a backup; refusing to start an empty "
+                    "history"
+                )
         writable = True
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -131,7 +139,8 @@ class Store:
         self.close()
 
     def close(self) -> None:
-        """Close the ledger connection."""
+        """Close the ledger connection and give up the runs this store wrote."""
+        release(self)
         self.db.close()
 
     def _step(self, step: str, detail: str = "") -> None:
@@ -173,6 +182,7 @@ class Store:
                 "(up to 128 characters, starting with a letter or digit)"
             )
         config = dict(config or {})
+        _check_config(config)
         canonical = canonical_json(config)
         config_hash = blake3.blake3(canonical.encode()).hexdigest()
         options = options if options is not None else RunOptions()
@@ -271,7 +281,9 @@ class Store:
             "step": step,
             "manifest": manifest,
             "metric": metric,
-            "value": value,
+            # SQLite's REAL keeps no sign of zero: store (and hash) what it reads
+            # back, or the chain breaks on -0.0. The body keeps the exact value.
+            "value": None if value is None else float(value) + 0.0,
             "target": target,
             "body": msgpack.packb(dict(body or {}), use_bin_type=True),
             "time": utc_now(),
@@ -365,15 +377,15 @@ class Store:
 
     def usage(self) -> Usage:
         """Logical against physical bytes: how much deduplication saves."""
-        logical_row = self.db.db.execute(
-            "SELECT COALESCE(SUM(r.size), 0), COUNT(DISTINCT r.seq) FROM refs r "
-            "JOIN events e ON e.seq = r.seq WHERE e.kind = 'save'"
-        ).fetchone()
+        (logical,) = self.db.rows(
+            "SELECT COALESCE(SUM(r.size), 0) AS bytes, COUNT(DISTINCT r.seq) AS saves "
+            "FROM refs r JOIN events e ON e.seq = r.seq WHERE e.kind = 'save'"
+        )
         physical = blobs = 0
         for info in self.blobs.iter_blobs():
             physical += info.size
             blobs += 1
-        return Usage(int(logical_row[0]), physical, blobs, int(logical_row[1]))
+        return Usage(int(logical["bytes"]), physical, blobs, int(logical["saves"]))
 
     def gc(self, *, grace: float = 3600.0, dry_run: bool = False) -> Any:
         """Collect garbage: see `ledger._gc.collect`."""
@@ -408,6 +420,42 @@ class Store:
         return audit(self, run=run, head=head, progress=progress)
 
 
+def _not_a_ledger(db_path: Path) -> str | None:
+    """Why `db_path` is no ledger (missing, empty, not ours), or None."""
+    if not db_path.exists():
+        return "is missing"
+    if db_path.stat().st_size == 0:
+        return "is empty (0 bytes)"
+    try:
+        conn = sqlite3.connect(
+            f"file:{db_path}?mode=ro", uri=True, isolation_level=None
+        )
+    except sqlite3.Error:
+        return None  # LedgerDB reports why it cannot be opened
+    try:
+        tables = {
+            row[0]
+            for row in conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'"
+            )
+        }
+        if "events" not in tables:
+            return "has no events table"
+        if "meta" not in tables:
+            return "is not a ckpt ledger (no meta table)"
+        # A ledger created by this code (marked `created`) with no events yet
+        # is a new store whose first save may be in flight. Without the mark,
+        # its schema was written over an emptied file by an older version.
+        created = conn.execute("SELECT 1 FROM meta WHERE key = 'created'").fetchone()
+        if created is None and conn.execute("SELECT 1 FROM events").fetchone() is None:
+            return "holds no events (its schema was written over an emptied file)"
+    except sqlite3.DatabaseError:
+        return None  # damaged or locked: LedgerDB reports the real cause
+    finally:
+        conn.close()
+    return None
+
+
 def _has_any_blob(blobs: Path) -> bool:
     if not blobs.is_dir():
         return False
@@ -428,6 +476,34 @@ def canonical_json(config: Mapping[str, Any]) -> str:
             f"config must be JSON-serialisable (dicts, lists, str, numbers, bool, "
             f"None): {exc}"
         ) from exc
+
+
+def _check_config(value: Any, path: str = "") -> None:
+    """Refuse what a config cannot hold faithfully: NaN and infinities (not
+    JSON), and strings with lone surrogates (not UTF-8), naming the key."""
+    where = path or "<root>"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PolicyError(
+            f"config key {where} is {value}: a config must hold finite numbers "
+            "(use None or a string)"
+        )
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise PolicyError(
+                f"config key {where} holds a string that is not valid UTF-8 (a "
+                f"lone surrogate): {value!r:.60}"
+            ) from None
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_config(
+                key, f"{path}.<key {key!r:.40}>" if path else f"<key {key!r:.40}>"
+            )
+            _check_config(item, f"{path}.{key}" if path else str(key))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            _check_config(item, f"{path}.{index}" if path else str(index))
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -91,9 +91,8 @@ def test_c10_eight_processes_open_a_brand_new_store_at_once(tmp_path: Path) -> N
                 "WHERE type IN ('table', 'trigger')"
             )
             assert len(tables) == len({(t["type"], t["name"]) for t in tables}) == 8
-            assert store.db.rows("SELECT * FROM meta") == [
-                {"key": "schema_version", "value": "1"}
-            ]
+            meta = store.db.rows("SELECT key FROM meta ORDER BY key")
+            assert meta == [{"key": "created"}, {"key": "schema_version"}]
 
 
 def test_concurrent_writers_keep_the_wal_ledger_intact(tmp_path: Path) -> None:

@@ -32,7 +32,13 @@ from hypothesis.stateful import (
     rule,
 )
 
-from ledger import BestPolicy, RunOptions, Store, UnknownReferenceError
+from ledger import (
+    BestPolicy,
+    PolicyError,
+    RunOptions,
+    Store,
+    UnknownReferenceError,
+)
 from ledger._replay import fold
 
 STEPS = [
@@ -228,14 +234,25 @@ class SaveProtocolMachine(RuleBasedStateMachine):
             assert torch.equal(resumed.state[key], tensor)
         self.resume_targets.add(target)
 
-    @precondition(lambda self: self.live - {self.best})
+    def _protected(self) -> set[int | None]:
+        return {self.best, self.last} | self.resume_targets
+
+    @precondition(lambda self: self.live - self._protected())
     @rule(data=st.data())
     def expire(self, data: st.DataObject) -> None:
-        seq = data.draw(st.sampled_from(sorted(self.live - {self.best})))
+        seq = data.draw(st.sampled_from(sorted(self.live - self._protected())))
 
         self.run.expire(seq)
 
         self.live.discard(seq)
+
+    @precondition(lambda self: self.live & self._protected())
+    @rule(data=st.data())
+    def expire_protected_is_refused(self, data: st.DataObject) -> None:
+        seq = data.draw(st.sampled_from(sorted(self.live & self._protected())))
+
+        with pytest.raises(PolicyError, match="cannot be expired"):
+            self.run.expire(seq)
 
     @rule()
     def collect(self) -> None:

@@ -254,14 +254,17 @@ def test_locked_ledger_refuses_a_save_in_one_line_and_writes_nothing(
     store.close()
 
 
-def test_store_cannot_open_while_another_process_holds_the_lock(
+def test_store_opens_but_cannot_write_while_another_process_holds_the_lock(
     tmp_path: Path,
 ) -> None:
     Store(tmp_path / "store").close()
     holder = _start_lock_holder(tmp_path)
 
-    with pytest.raises(LedgerStateError) as caught:
-        Store(tmp_path / "store", lock_timeout=0.2)
+    with (
+        Store(tmp_path / "store", lock_timeout=0.2) as store,
+        pytest.raises(LedgerStateError) as caught,
+    ):
+        store.run("r")
     _release(holder)
 
     _assert_one_line(caught.value, "locked")
@@ -355,7 +358,7 @@ def die(step, detail):
 
 store = Store(sys.argv[1], lease_ttl=float(sys.argv[2]), hook=die)
 shared = torch.full((64,), 1.0)
-store.run("r").save({"t0": shared, "new": torch.full((64,), 5.0)}, epoch=2)
+store.run("w").save({"t0": shared, "new": torch.full((64,), 5.0)}, epoch=2)
 """
 
 
