@@ -405,9 +405,13 @@ def gc(
     if report.missing:
         for problem in report.missing:
             print(problem)
+        if any(problem.digest for problem in report.missing):
+            advice = "restore the blobs or expire their saves"
+        else:
+            advice = "repair or restore ledger.db first"
         _say(
-            f"gc refused: {len(report.missing)} referenced blobs are missing or "
-            "damaged, nothing was deleted: restore them or expire their saves"
+            f"gc refused: {len(report.missing)} problem(s) found, nothing was "
+            f"deleted: {advice}"
         )
         raise typer.Exit(1)
     verb = "would remove" if dry_run else "removed"

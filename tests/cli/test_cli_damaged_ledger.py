@@ -92,6 +92,8 @@ def test_gc_of_a_ledger_with_a_corrupt_page_refuses_and_deletes_nothing(
     assert result.code == 1
     assert "Traceback" not in result.err
     assert "malformed" in result.out
+    assert "repair or restore ledger.db" in result.err
+    assert "blobs are missing" not in result.err
     assert _blob_files(filled_store) == blobs
 
 
