@@ -23,6 +23,7 @@ import mmap
 import os
 import secrets
 import socket
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -114,6 +115,8 @@ class BlobStore:
         try:
             st = path.stat()
         except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
             return False
         if size is not None and st.st_size != size:
             return False
@@ -216,6 +219,9 @@ class BlobStore:
 
             # 4. Publish atomically; this replaces a truncated or damaged copy.
             step = "rename"
+            if final.is_dir() and not final.is_symlink():
+                # A directory squatting on the name would fail every rename.
+                self.quarantine(digest)
             os.replace(tmp, final)
             self._step("rename", digest)
         except OSError as exc:
@@ -489,6 +495,31 @@ class BlobStore:
         except FileNotFoundError:
             return 0
         return size
+
+    def quarantine(self, digest: str) -> Path | None:
+        """Move a damaged blob out of `blobs/` into `quarantine/`, keeping it.
+
+        Presence is judged by size, so a damaged blob of the right size would
+        otherwise be trusted by the next save of the same bytes; once it is
+        moved, that save writes it anew. Whatever sits at the blob's name (a
+        file or a directory) is moved. Returns where it went, or None if
+        nothing was there.
+
+        Raises:
+            OSError: the move failed (a read-only store, for one).
+        """
+        src = self.path_of(digest)
+        dest_dir = self.root / "quarantine"
+        dest_dir.mkdir(exist_ok=True)
+        dest = dest_dir / f"{digest}.{time.time_ns()}"
+        try:
+            os.rename(src, dest)
+        except FileNotFoundError:
+            return None
+        _fsync_dir(src.parent)
+        _fsync_dir(dest_dir)
+        log.warning("blob %s was damaged and is kept at %s", digest, dest)
+        return dest
 
     def sweep_tmp(self, *, older_than: float = 0.0) -> tuple[int, int]:
         """Remove temp files left by dead writers; return (files, bytes).

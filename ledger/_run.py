@@ -635,7 +635,23 @@ class Run:
                     DamagedCheckpointWarning,
                     stacklevel=4,
                 )
+                if isinstance(exc, CorruptBlobError):
+                    self._quarantine(exc.digest)
         return None
+
+    def _quarantine(self, digest: str) -> None:
+        # Moving the damaged blob aside lets the next save of the same bytes
+        # (a resumed run redoes the epoch bit for bit) write it anew, instead
+        # of trusting a file whose size is right and whose bytes are not.
+        try:
+            self.store.blobs.quarantine(digest)
+        except OSError as exc:
+            log.warning(
+                "could not move damaged blob %s aside (%s): the next save of "
+                "the same bytes will trust it; run `ckpt verify`",
+                digest,
+                exc,
+            )
 
     def finalize(self, ref: int | str = "last") -> int | None:
         """Record a save as the run's final checkpoint (a final event).

@@ -120,11 +120,11 @@ def runs(ctx: typer.Context, as_json: JsonFlag = False) -> None:
         best = None
         if row["best"] is not None:
             best = f"{_epoch(row['best_epoch'])} = {_number(row['best_value'])}"
-        resumed = (
-            f"{row['resumes']}x, last from #{row['resumed_from']}"
-            if row["resumes"]
-            else None
-        )
+        resumed = None
+        if row["resumes"]:
+            origin = row["resumed_from"]
+            source = "fresh start" if origin is None else f"from #{origin}"
+            resumed = f"{row['resumes']}x, last {source}"
         _add_row(
             table,
             row["run"],

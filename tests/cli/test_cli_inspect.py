@@ -308,3 +308,18 @@ def test_a_run_with_a_best_policy_shows_its_value_in_runs(
     result = ckpt("runs")
 
     assert "e1 = 0.25" in result.out
+
+
+def test_runs_shows_a_deliberate_fresh_start_as_such(
+    ckpt: Callable[..., Any], store_path: Path
+) -> None:
+    with Store(store_path) as store:
+        run = store.run("fresh")
+        run.save({"w": torch.ones(2)}, epoch=1)
+        run.resume("none")
+
+    result = ckpt("runs")
+
+    assert result.code == 0
+    assert "fresh start" in result.out
+    assert "None" not in result.out
