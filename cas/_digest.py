@@ -36,9 +36,13 @@ def new_hasher(size_hint: int = 0) -> Hasher:
     return blake3.blake3(max_threads=threads)
 
 
-def hash_bytes(data: bytes | bytearray | memoryview) -> str:
-    """The blake3-256 hex digest of a bytes-like object, without copying it."""
+def hash_bytes(data: bytes | bytearray | memoryview, *, threaded: bool = True) -> str:
+    """The blake3-256 hex digest of a bytes-like object, without copying it.
+
+    `threaded=False` keeps a large buffer on the calling thread, for callers
+    that already hash several buffers at once on a pool of their own.
+    """
     view = memoryview(data).cast("B")
-    hasher = new_hasher(view.nbytes)
+    hasher = new_hasher(view.nbytes if threaded else 0)
     hasher.update(view)
     return hasher.hexdigest()

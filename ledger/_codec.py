@@ -5,14 +5,19 @@ saves); the structure, with tensors replaced by references, is one msgpack
 manifest. Decoding never runs pickle: a manifest can only name plain values and
 blobs of raw bytes, so an untrusted store cannot execute code. The cost is that
 only the types listed in `encode` are stored; anything else is refused up front.
+Large tensors are hashed on a pool of threads (one per core) while the walk goes
+on; the manifest is packed once every digest is known.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
+import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -44,6 +49,9 @@ _MAX_NESTING = 100
 _CONTAINERS = (dict, OrderedDict, list, tuple)
 _PLAIN = (type(None), bool, int, float, str, bytes)
 _NUMPY_DTYPE_STR = re.compile(r"[<>|=][biufc][0-9]{1,2}")  # what dtype.str writes
+# Smaller buffers are hashed on the walking thread: handing them to the pool
+# costs more than hashing them.
+_POOLED_MIN = 256 << 10
 
 _TORCH_DTYPES: dict[str, torch.dtype] = {
     str(dt): dt
@@ -93,15 +101,67 @@ def encode(obj: Any) -> Encoded:
         UnsupportedTypeError: a value of another type, named by its path
             (`optimizer.state.3.foo`); nothing has been written anywhere.
     """
-    encoder = _Encoder()
-    root = encoder.walk(obj)
-    manifest = msgpack.packb({"format": FORMAT_VERSION, "root": root})
-    return Encoded(manifest=manifest, blobs=encoder.blobs)
+    with ThreadPoolExecutor(_hash_threads(), thread_name_prefix="ckpt-hash") as pool:
+        encoder = _Encoder(pool)
+        try:
+            root = encoder.walk(obj)
+            manifest = _pack({"format": FORMAT_VERSION, "root": root})
+        except BaseException:
+            # A refused value stops the walk: hash nothing more.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+    blobs: dict[str, memoryview] = {}
+    for ref in encoder.refs:
+        blobs.setdefault(ref.digest(), ref.data)
+    return Encoded(manifest=manifest, blobs=blobs)
+
+
+def _hash_threads() -> int:
+    # The cores this process may run on (a job scheduler's cpuset), not the
+    # machine's.
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _PendingRef:
+    """A tensor or array reference whose digest a pool thread is computing.
+
+    It stands in the structure until msgpack packs it (`_pack`'s `default`),
+    which waits for the digest; the buffer stays alive through `data`.
+    """
+
+    __slots__ = ("code", "head", "data", "tail", "_digest")
+
+    def __init__(
+        self, code: int, head: list[Any], data: memoryview, tail: list[Any], pool: Any
+    ) -> None:
+        self.code = code
+        self.head = head  # ["torch"] or ["numpy"]; the digest follows
+        self.data = data
+        self.tail = tail  # dtype, shape, nbytes, tie
+        self._digest: str | Future[str]
+        if data.nbytes >= _POOLED_MIN:
+            self._digest = pool.submit(hash_bytes, data, threaded=False)
+        else:
+            self._digest = hash_bytes(data)
+
+    def digest(self) -> str:
+        if isinstance(self._digest, Future):
+            self._digest = self._digest.result()
+        return self._digest
+
+    def packed(self) -> msgpack.ExtType:
+        return msgpack.ExtType(
+            self.code, _pack([*self.head, self.digest(), *self.tail])
+        )
 
 
 class _Encoder:
-    def __init__(self) -> None:
-        self.blobs: dict[str, memoryview] = {}
+    def __init__(self, pool: ThreadPoolExecutor) -> None:
+        self.pool = pool
+        self.refs: list[_PendingRef] = []
         self.ties: dict[tuple[Any, ...], int] = {}
         self.tie_refs: dict[int, list[Any]] = {}
 
@@ -197,17 +257,15 @@ class _Encoder:
             self.ties[tie_key] = tie
         flat = t.detach().resolve_conj().resolve_neg().cpu().contiguous()
         data = _byte_view(flat)
-        digest = hash_bytes(data)
-        self.blobs.setdefault(digest, data)
-        ref = [
-            "torch",
-            digest,
-            str(t.dtype),
-            list(t.shape),
-            data.nbytes,
-            tie,
-        ]
-        return msgpack.ExtType(_EXT_TENSOR, _pack(ref))
+        tail = [str(t.dtype), list(t.shape), data.nbytes, tie]
+        return self.pending(_EXT_TENSOR, "torch", data, tail)
+
+    def pending(
+        self, code: int, kind: str, data: memoryview, tail: list[Any]
+    ) -> _PendingRef:
+        ref = _PendingRef(code, [kind], data, tail, self.pool)
+        self.refs.append(ref)
+        return ref
 
     def ndarray(self, arr: np.ndarray, path: str) -> msgpack.ExtType:
         if arr.dtype.kind not in _NUMPY_KINDS or arr.dtype.fields is not None:
@@ -218,10 +276,8 @@ class _Encoder:
             )
         flat = np.ascontiguousarray(arr)
         data = memoryview(flat.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        digest = hash_bytes(data)
-        self.blobs.setdefault(digest, data)
-        ref = ["numpy", digest, arr.dtype.str, list(arr.shape), data.nbytes, None]
-        return msgpack.ExtType(_EXT_NUMPY, _pack(ref))
+        tail = [arr.dtype.str, list(arr.shape), data.nbytes, None]
+        return self.pending(_EXT_NUMPY, "numpy", data, tail)
 
 
 def _check_key(key: Any, path: str) -> Any:
@@ -279,13 +335,23 @@ def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
 
 def _byte_view(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
+    if flat.numel() == 1 and flat.stride(0) != 1:
+        # One element counts as contiguous whatever its stride, but a byte
+        # view needs stride 1.
+        flat = flat.clone(memory_format=torch.contiguous_format)
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return memoryview(flat.numpy())  # type: ignore[arg-type]
 
 
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj)
+    return msgpack.packb(obj, default=_pack_pending)
+
+
+def _pack_pending(obj: Any) -> msgpack.ExtType:
+    if type(obj) is _PendingRef:
+        return obj.packed()
+    raise TypeError(f"cannot pack {_type_name(obj)}")  # the walk refused it already
 
 
 def _join(path: str, key: object) -> str:
@@ -538,13 +604,14 @@ def _decode_npscalar(raw: Any) -> Any:
 def build(
     root: Any,
     refs: list[TensorRef],
-    read: Callable[[TensorRef], bytearray],
+    read: Callable[[TensorRef], bytearray | mmap.mmap],
     map_location: str | torch.device | None = None,
 ) -> Any:
     """Replace every TensorRef in a decoded structure by its tensor or array.
 
-    `read(ref)` returns the verified bytes of a blob. Tensors tied at save time
-    come back as one tensor object.
+    `read(ref)` returns the verified bytes of a blob in writable memory, which
+    the tensor or array then shares. Tensors tied at save time come back as one
+    tensor object.
     """
     loaded: dict[tuple[Any, ...], Any] = {}
 

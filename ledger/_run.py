@@ -14,15 +14,15 @@ import math
 import time
 import warnings
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from cas import BlobStore, CorruptBlobError, MissingBlobError, hash_bytes
-from ledger._codec import Encoded, TensorRef, build, decode_manifest, encode
+from cas import CorruptBlobError, MissingBlobError, hash_bytes
+from ledger._blobio import BlobReader, write_blobs
+from ledger._codec import Encoded, build, decode_manifest, encode
 from ledger._dist import agree_on_seq
 from ledger._errors import (
     LedgerStateError,
@@ -42,10 +42,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_WRITERS = 8  # large blobs: fsyncs and extending writes wait on the journal
-_SMALL_WRITERS = 16  # small blobs: bound by fsync latency, which threads share
-_SMALL = 1 << 20
-_READERS = 2  # each reads and hashes one blob; page faults and hashing overlap
 RESUME_MODES = ("none", "auto", "last", "best", "final")
 _IS_CLAIMED = """
 SELECT 1 FROM refs r JOIN events e ON e.seq = r.seq
@@ -260,7 +256,7 @@ class Run:
                 *encoded.blobs.items(),
                 (manifest_digest, encoded.manifest),
             ]
-            written = _write_blobs(store.blobs, items)
+            written = write_blobs(store.blobs, items)
             store.blobs.sync_dirs(refs)
             store._step("blobs_written", manifest_digest)
 
@@ -494,7 +490,7 @@ class Run:
                     f"size {size} bytes, the manifest says {ref.nbytes}",
                 )
 
-        reader = _BlobReader(blobs, refs)
+        reader = BlobReader(blobs, refs)
         try:
             return build(root, refs, reader.read, map_location)
         finally:
@@ -745,83 +741,6 @@ class Run:
                 return ev.seq
 
         return agree_on_seq(work, "expire a checkpoint")
-
-
-class _BlobReader:
-    """Reads a save's blobs on a few threads, ahead of `build`, which asks for
-    them in manifest order. Each (digest, tie) is read once and handed out
-    once; a further request for it (refused as a tie by `build`) reads again."""
-
-    def __init__(self, blobs: BlobStore, refs: list[TensorRef]) -> None:
-        self.blobs = blobs
-        self.pool = ThreadPoolExecutor(_READERS, thread_name_prefix="ckpt-read")
-        self.ahead: dict[tuple[str, int], Future[bytearray]] = {}
-        for ref in refs:
-            key = _read_key(ref)
-            if key not in self.ahead:
-                self.ahead[key] = self.pool.submit(self._read, ref)
-
-    def _read(self, ref: TensorRef) -> bytearray:
-        buf = bytearray(ref.nbytes)
-        self.blobs.read_into(ref.digest, buf)
-        return buf
-
-    def read(self, ref: TensorRef) -> bytearray:
-        future = self.ahead.pop(_read_key(ref), None)
-        return self._read(ref) if future is None else future.result()
-
-    def close(self) -> None:
-        for future in self.ahead.values():
-            future.cancel()
-        self.pool.shutdown(wait=True)
-
-
-def _read_key(ref: TensorRef) -> tuple[str, int]:
-    return ref.digest, ref.tie if ref.tie is not None else -id(ref)
-
-
-def _write_blobs(blobs: BlobStore, items: list[tuple[str, memoryview | bytes]]) -> int:
-    """Put each (digest, bytes) without syncing directories; the bytes written.
-
-    The digests are known, so threads only overlap writes and fsyncs (both
-    release the GIL). Large blobs share the disk's bandwidth among a few
-    threads, largest first; small ones, whose cost is the fsync, go many at a
-    time so that the filesystem commits their fsyncs together. With a
-    fault-injection hook the blobs go one by one, in order, as its user expects.
-    """
-
-    def put(item: tuple[str, memoryview | bytes]) -> int:
-        digest, data = item
-        result = blobs.put(data, digest=digest, sync_dir=False)
-        return result.size if result.written else 0
-
-    if blobs.hook is not None:
-        return sum(put(item) for item in items)
-    # Only blobs missing now go to the threads (put checks again, as it must).
-    sized = []
-    for digest, data in items:
-        size = memoryview(data).nbytes
-        if not blobs.has_blob(digest, size=size):
-            sized.append((size, (digest, data)))
-    sized.sort(key=lambda pair: -pair[0])
-    if len(sized) < 2:
-        return sum(put(item) for _, item in sized)
-    with (
-        ThreadPoolExecutor(_WRITERS, thread_name_prefix="ckpt-write") as large,
-        ThreadPoolExecutor(_SMALL_WRITERS, thread_name_prefix="ckpt-write") as small,
-    ):
-        futures = [
-            (large if size >= _SMALL else small).submit(put, item)
-            for size, item in sized
-        ]
-        try:
-            return sum(f.result() for f in futures)
-        except BaseException:
-            # Let the writes in flight finish (their temp files are removed on
-            # failure) and start no more.
-            for f in futures:
-                f.cancel()
-            raise
 
 
 def _watched_value(

@@ -165,7 +165,7 @@ structures = st.recursive(
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    flat = t.detach().contiguous().reshape(-1)
+    flat = t.detach().reshape(-1).clone(memory_format=torch.contiguous_format)
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
@@ -488,3 +488,11 @@ def test_any_nesting_deeper_than_100_is_refused_at_save(
 
     with pytest.raises(UnsupportedTypeError, match="nested more than 100 deep"):
         encode(checkpoint)
+
+
+def test_one_element_tensor_with_a_stride_round_trips(fresh_run: Run) -> None:
+    strided = torch.arange(6, dtype=torch.float64)[::2][:1]  # stride 2, contiguous
+
+    loaded = fresh_run.load(fresh_run.save({"x": strided}).seq)["x"]
+
+    assert torch.equal(loaded, strided)

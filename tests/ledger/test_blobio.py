@@ -1,0 +1,53 @@
+"""Reading and writing a save's blobs: the memory loads land in, pooled hashing."""
+
+from __future__ import annotations
+
+import mmap
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cas import hash_bytes
+from ledger import Store
+from ledger._blobio import tensor_buffer
+from ledger._codec import encode
+
+
+def test_large_buffers_are_mappings_of_their_own_and_small_ones_bytearrays() -> None:
+    large = tensor_buffer(4 << 20)
+    small = tensor_buffer(100)
+
+    assert isinstance(large, mmap.mmap) and len(large) == 4 << 20
+    assert isinstance(small, bytearray) and len(small) == 100
+
+
+def test_large_loaded_tensor_is_writable_and_outlives_the_store(
+    tmp_path: Path,
+) -> None:
+    weight = torch.randn(1024, 1024)  # 4 MiB: loaded into its own mapping
+    table = np.arange(1 << 20, dtype=np.int64)
+    with Store(tmp_path / "store") as store:
+        run = store.run("r")
+        run.save({"w": weight, "t": table})
+        loaded = run.load("last")
+
+    loaded["w"].mul_(2)
+    loaded["t"][0] = -1
+
+    assert torch.equal(loaded["w"], weight * 2)
+    assert loaded["t"][0] == -1 and np.array_equal(loaded["t"][1:], table[1:])
+    with Store(tmp_path / "store") as store:
+        again = store.get_run("r").load("last")
+    assert torch.equal(again["w"], weight) and np.array_equal(again["t"], table)
+
+
+def test_pooled_digests_match_hashing_each_tensor_alone() -> None:
+    tensors = {f"t{i}": torch.randn(1 << (15 + i % 4)) for i in range(12)}
+    tensors["small"] = torch.arange(3)
+
+    encoded = encode(tensors)
+
+    expected = {hash_bytes(t.numpy().tobytes()) for t in tensors.values()}
+    assert set(encoded.blobs) == expected
+    assert all(hash_bytes(v) == d for d, v in encoded.blobs.items())
