@@ -2,17 +2,17 @@
 
 Writes overlap because a blob's cost is mostly waiting (on the disk's
 bandwidth for large blobs, on fsync latency for small ones), and blake3 and
-file I/O release the GIL. Reads hash each chunk as it lands, and put large
-tensors in memory of their own that asks the kernel for huge pages, so that
-the page faults of filling fresh memory, expensive on a VM, are 512 times
-fewer; the cost is one mapping per large tensor.
+file I/O release the GIL. Reads hash each chunk as it lands, into memory that
+torch allocates and nobody zero-fills first, so each byte of a loaded tensor is
+written once; the cost is a dependency on torch's allocator here.
 """
 
 from __future__ import annotations
 
-import contextlib
-import mmap
 from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import torch
 
 from cas import BlobStore
 from ledger._codec import TensorRef
@@ -21,9 +21,9 @@ _WRITERS = 8  # large blobs: fsyncs and extending writes wait on the journal
 _SMALL_WRITERS = 16  # small blobs: bound by fsync latency, which threads share
 _SMALL = 1 << 20
 _READERS = 2  # each reads and hashes one blob; page faults and hashing overlap
-_HUGE_PAGE = 2 << 20  # smaller tensors cannot fill a huge page
+_UNFILLED_MIN = 64 << 10  # below it, zero-filling costs less than a tensor
 
-Buffer = bytearray | mmap.mmap
+Buffer = bytearray | np.ndarray
 
 
 def write_blobs(blobs: BlobStore, items: list[tuple[str, memoryview | bytes]]) -> int:
@@ -86,7 +86,7 @@ class BlobReader:
 
     def _read(self, ref: TensorRef) -> Buffer:
         buf = tensor_buffer(ref.nbytes)
-        with memoryview(buf) as view:
+        with memoryview(buf) as view:  # type: ignore[arg-type]  # numpy is a Buffer
             self.blobs.read_into(ref.digest, view)
         return buf
 
@@ -101,21 +101,16 @@ class BlobReader:
 
 
 def tensor_buffer(nbytes: int) -> Buffer:
-    """Writable memory for a tensor of `nbytes`, not yet touched.
+    """Writable memory for a tensor of `nbytes`, not yet written.
 
-    A large one is a private anonymous mapping advised to use huge pages
-    (a hint: where the kernel has them off, it gets small pages). A tensor
-    made on it with `torch.frombuffer` keeps the mapping alive, and unmapping
-    happens when the last such tensor is freed.
+    A large one is the memory of a new uint8 tensor, never zero-filled (a
+    `bytearray` is: one more pass over every page, and on a VM the first touch
+    of a page is the expensive part). A tensor or array made on it keeps it
+    alive.
     """
-    if nbytes < _HUGE_PAGE:
+    if nbytes < _UNFILLED_MIN:
         return bytearray(nbytes)
-    buf = mmap.mmap(-1, nbytes)
-    advice = getattr(mmap, "MADV_HUGEPAGE", None)  # Linux only
-    if advice is not None:
-        with contextlib.suppress(OSError):  # EINVAL where THP is compiled out
-            buf.madvise(advice)
-    return buf
+    return torch.empty(nbytes, dtype=torch.uint8).numpy()
 
 
 def _read_key(ref: TensorRef) -> tuple[str, int]:

@@ -12,7 +12,6 @@ on; the manifest is packed once every digest is known.
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import re
 from collections import OrderedDict
@@ -604,7 +603,7 @@ def _decode_npscalar(raw: Any) -> Any:
 def build(
     root: Any,
     refs: list[TensorRef],
-    read: Callable[[TensorRef], bytearray | mmap.mmap],
+    read: Callable[[TensorRef], bytearray | np.ndarray],
     map_location: str | torch.device | None = None,
 ) -> Any:
     """Replace every TensorRef in a decoded structure by its tensor or array.

@@ -6,8 +6,8 @@ place and with it switched back to what came before it:
 
 - pooled hashing: a save's large tensors hashed on one thread per core, against
   every tensor hashed in turn on the saving thread;
-- huge-page load buffers: each large tensor loaded into a mapping of its own
-  that asks for huge pages, against a plain zero-filled `bytearray`.
+- unfilled load buffers: each large tensor read into new torch memory that
+  nobody zero-fills, against a `bytearray`, which is zero-filled first.
 
 The "off" variants swap a private function or threshold for the duration of
 the call, so they measure exactly the code path that the technique replaced.
@@ -126,8 +126,8 @@ def load_ops(fixtures: Path, total: int) -> list[Op]:
 
     return [
         Op("torch.load(weights_only)", "load", loader(torch_load), baseline=True),
-        Op("load: huge-page buffers", "load", loader(ckpt_load(None))),
-        Op("load: bytearray buffers", "load", loader(ckpt_load(plain_load_buffers))),
+        Op("load: unfilled buffers", "load", loader(ckpt_load(None))),
+        Op("load: zero-filled buffers", "load", loader(ckpt_load(plain_load_buffers))),
     ]
 
 

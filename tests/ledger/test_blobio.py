@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 from pathlib import Path
 
 import numpy as np
@@ -14,18 +13,19 @@ from ledger._blobio import tensor_buffer
 from ledger._codec import encode
 
 
-def test_large_buffers_are_mappings_of_their_own_and_small_ones_bytearrays() -> None:
+def test_large_buffers_are_tensor_memory_and_small_ones_bytearrays() -> None:
     large = tensor_buffer(4 << 20)
     small = tensor_buffer(100)
 
-    assert isinstance(large, mmap.mmap) and len(large) == 4 << 20
+    assert isinstance(large, np.ndarray) and large.nbytes == 4 << 20
+    assert large.flags.writeable and large.dtype == np.uint8
     assert isinstance(small, bytearray) and len(small) == 100
 
 
 def test_large_loaded_tensor_is_writable_and_outlives_the_store(
     tmp_path: Path,
 ) -> None:
-    weight = torch.randn(1024, 1024)  # 4 MiB: loaded into its own mapping
+    weight = torch.randn(1024, 1024)  # 4 MiB: loaded into unfilled tensor memory
     table = np.arange(1 << 20, dtype=np.int64)
     with Store(tmp_path / "store") as store:
         run = store.run("r")

@@ -9,6 +9,7 @@ part in naming the path.
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -233,3 +234,15 @@ def test_nested_tensor_is_refused_with_how_to_store_it_instead(run: Run) -> None
     assert caught.value.path == "n"
     assert "nested tensor" in message and "unbind()" in message
     assert "layout" not in message
+
+
+def test_refusal_after_large_tensors_stops_their_hashing_threads() -> None:
+    checkpoint = {f"w{i}": torch.randn(1 << 18) for i in range(8)}  # 1 MiB each
+    checkpoint["bad"] = object()
+    before = {t.name for t in threading.enumerate()}
+
+    with pytest.raises(UnsupportedTypeError, match="bad"):
+        encode(checkpoint)
+
+    left = {t.name for t in threading.enumerate()} - before
+    assert not [name for name in left if name.startswith("ckpt-hash")]

@@ -37,7 +37,7 @@ def test_a_tiny_techniques_run_measures_each_pair_and_restores_the_code(tmp_path
     rows = json.loads(out.read_text())
     ops = {r["op"] for r in rows}
     assert {"save fresh: pooled hashing", "save fresh: one thread"} <= ops
-    assert {"load: huge-page buffers", "load: bytearray buffers"} <= ops
+    assert {"load: unfilled buffers", "load: zero-filled buffers"} <= ops
     assert all(r["median_s"] > 0 for r in rows)
     unchanged = [r for r in rows if r["op"].startswith("save unchanged")]
     assert unchanged and all(r["bytes_written"] == 0 for r in unchanged)
