@@ -589,8 +589,14 @@ def _fsync_dirs(paths: list[Path]) -> None:
             sync(path)
         return
     with ThreadPoolExecutor(min(_DIR_SYNC_THREADS, len(paths))) as pool:
-        for _ in pool.map(sync, paths):
-            pass
+        futures = []
+        for path in paths:
+            try:
+                futures.append(pool.submit(sync, path))
+            except RuntimeError:  # the interpreter is exiting: pools take no work
+                sync(path)
+        for future in futures:
+            future.result()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -9,13 +9,17 @@ written once; the cost is a dependency on torch's allocator here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
 
 from cas import BlobStore
-from ledger._codec import TensorRef
+
+if TYPE_CHECKING:
+    from ledger._codec import TensorRef
 
 _WRITERS = 8  # large blobs: fsyncs and extending writes wait on the journal
 _SMALL_WRITERS = 16  # small blobs: bound by fsync latency, which threads share
@@ -24,6 +28,21 @@ _READERS = 2  # each reads and hashes one blob; page faults and hashing overlap
 _UNFILLED_MIN = 64 << 10  # below it, zero-filling costs less than a tensor
 
 Buffer = bytearray | np.ndarray
+T = TypeVar("T")
+
+
+def submit(pool: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> Future[T]:
+    """`pool.submit`, or `fn` run on this thread when the interpreter is exiting
+    (a save from an atexit hook): pools then refuse new work."""
+    try:
+        return pool.submit(fn, *args)
+    except RuntimeError:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - handed back through the future
+            future.set_exception(exc)
+        return future
 
 
 def write_blobs(blobs: BlobStore, items: list[tuple[str, memoryview | bytes]]) -> int:
@@ -57,7 +76,7 @@ def write_blobs(blobs: BlobStore, items: list[tuple[str, memoryview | bytes]]) -
         ThreadPoolExecutor(_SMALL_WRITERS, thread_name_prefix="ckpt-write") as small,
     ):
         futures = [
-            (large if size >= _SMALL else small).submit(put, item)
+            submit(large if size >= _SMALL else small, put, item)
             for size, item in sized
         ]
         try:
@@ -82,7 +101,7 @@ class BlobReader:
         for ref in refs:
             key = _read_key(ref)
             if key not in self.ahead:
-                self.ahead[key] = self.pool.submit(self._read, ref)
+                self.ahead[key] = submit(self.pool, self._read, ref)
 
     def _read(self, ref: TensorRef) -> Buffer:
         buf = tensor_buffer(ref.nbytes)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from cas import check_digest, hash_bytes
+from ledger._blobio import submit
 from ledger._errors import ManifestError, UnsupportedTypeError
 
 FORMAT_VERSION = 1
@@ -142,7 +143,7 @@ class _PendingRef:
         self.tail = tail  # dtype, shape, nbytes, tie
         self._digest: str | Future[str]
         if data.nbytes >= _POOLED_MIN:
-            self._digest = pool.submit(hash_bytes, data, threaded=False)
+            self._digest = submit(pool, partial(hash_bytes, threaded=False), data)
         else:
             self._digest = hash_bytes(data)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -51,3 +53,28 @@ def test_pooled_digests_match_hashing_each_tensor_alone() -> None:
     expected = {hash_bytes(t.numpy().tobytes()) for t in tensors.values()}
     assert set(encoded.blobs) == expected
     assert all(hash_bytes(v) == d for d, v in encoded.blobs.items())
+
+
+def test_a_save_from_an_atexit_hook_is_written_although_pools_refuse_work(
+    tmp_path: Path,
+) -> None:
+    # Once the interpreter starts exiting, thread pools refuse new work; a save
+    # registered with atexit (a common "save on the way out") must not fail.
+    script = f"""
+import atexit, torch
+from ledger import Store
+run = Store({str(tmp_path / "store")!r}).run("r")
+weights = {{"w": torch.ones(1 << 20), "b": torch.zeros(1 << 19), "n": torch.ones(8)}}
+atexit.register(lambda: run.save(weights, epoch=1))
+"""
+
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    with Store(tmp_path / "store") as store:
+        loaded = store.get_run("r").load("last")
+        assert store.verify() == []
+    assert torch.equal(loaded["w"], torch.ones(1 << 20))
+    assert torch.equal(loaded["b"], torch.zeros(1 << 19))
