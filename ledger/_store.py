@@ -33,10 +33,12 @@ from ledger._errors import (
     UnknownReferenceError,
 )
 from ledger._events import (
+    COLUMNS,
     GENESIS_HASH,
     Event,
     chain_hash,
     event_from_row,
+    events_from_tuples,
     hashed_fields,
 )
 from ledger._policies import Contract, RunOptions
@@ -340,10 +342,10 @@ class Store:
         if kind is not None:
             where.append("kind = ?")
             params.append(kind)
-        sql = "SELECT * FROM events"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM events"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [event_from_row(r) for r in self.db.rows(sql + " ORDER BY seq", params)]
+        return events_from_tuples(self.db.tuples(sql + " ORDER BY seq", params))
 
     def runs(self) -> list[str]:
         """Run ids in the order they were opened."""
