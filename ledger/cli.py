@@ -28,18 +28,11 @@ from rich.text import Text
 
 from cas import CasError, CorruptBlobError, MissingBlobError
 from ledger._audit import Head
-from ledger._codec import encode
 from ledger._errors import LedgerError, LedgerStateError
 from ledger._events import KINDS, Event
 from ledger._policies import check_metrics
 from ledger._replay import RunState
 from ledger._store import Store, default_store_path
-from ledger._transfer import (
-    check_export_target,
-    check_suffix,
-    read_checkpoint_file,
-    write_checkpoint_file,
-)
 
 app = typer.Typer(
     name="ckpt",
@@ -467,6 +460,9 @@ def export(
 
     Exit status: 0 written, 1 the checkpoint is damaged, 2 bad reference or usage.
     """
+    # Imported here: torch takes about a second, which reading commands skip.
+    from ledger._transfer import check_export_target, write_checkpoint_file
+
     name, sep, ref = target.partition("@")
     if not sep or not name or not ref:
         raise typer.BadParameter(
@@ -528,6 +524,10 @@ def import_file(
 
     Exit status: 0 imported, 2 refused file, bad metric or bad usage.
     """
+    # Imported here: torch takes about a second, which reading commands skip.
+    from ledger._codec import encode
+    from ledger._transfer import check_suffix, read_checkpoint_file
+
     metrics = check_metrics(_parse_metrics(metric or []))
     check_suffix(file, "import")
     checkpoint, source = read_checkpoint_file(file, trust_pickle=trust_pickle)
