@@ -357,10 +357,7 @@ class Store:
         from ledger._run import Run
 
         if name not in self.runs():
-            known = ", ".join(self.runs()) or "none"
-            raise UnknownReferenceError(
-                f"no run {name!r} in {self.path} (runs: {known})"
-            )
+            raise unknown_run(self, name)
         run = Run(self, name, {}, "")
         state = run.refresh()
         run.config = self._current_config(name)
@@ -420,6 +417,12 @@ class Store:
         from ledger._audit import audit
 
         return audit(self, run=run, head=head, progress=progress)
+
+
+def unknown_run(store: Store, name: str) -> UnknownReferenceError:
+    """The error for a run the store does not hold, naming those it does."""
+    known = ", ".join(store.runs()) or "none"
+    return UnknownReferenceError(f"no run {name!r} in {store.path} (runs: {known})")
 
 
 def _not_a_ledger(db_path: Path) -> str | None:

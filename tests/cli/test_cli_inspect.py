@@ -323,3 +323,13 @@ def test_runs_shows_a_deliberate_fresh_start_as_such(
     assert result.code == 0
     assert "fresh start" in result.out
     assert "None" not in result.out
+
+
+def test_log_json_is_one_event_a_line(
+    ckpt: Callable[..., Any], filled_store: Path
+) -> None:
+    result = ckpt("log", "pre", "--json")
+
+    lines = result.out.splitlines()
+    assert len(lines) == 7 + 2
+    assert json.loads(lines[1].rstrip(","))["kind"] == "open"

@@ -42,7 +42,13 @@ def test_importing_the_cli_does_not_import_torch() -> None:
 
 @pytest.mark.parametrize(
     "args",
-    [["head"], ["du"]],
+    [
+        ["log", "pre"],
+        ["log", "pre", "--json"],
+        ["log", "ft", "--kind", "save"],
+        ["head"],
+        ["du"],
+    ],
 )
 def test_reading_commands_run_without_importing_torch(
     filled_store: Path, args: list[str]
