@@ -9,7 +9,7 @@ takes about a second, and tools that only read the ledger (`ckpt log`) never
 need it.
 """
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ledger._audit import Head, HeadError
 from ledger._errors import (
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     )
 else:
 
-    def __getattr__(name: str) -> Any:
+    def __getattr__(name: str) -> object:
         if name not in _FROM_RUN:
             raise AttributeError(f"module 'ledger' has no attribute {name!r}")
         from ledger import _run
@@ -58,6 +58,9 @@ else:
         value = getattr(_run, name)
         globals()[name] = value
         return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_FROM_RUN})
 
 
 __all__ = [
