@@ -33,15 +33,12 @@ class SaveInfo:
     epoch: int | None
     step: int | None
     manifest: str
-    body: bytes = field(default=b"\x80", repr=False)
+    body: bytes = field(repr=False)
 
     @cached_property
     def metrics(self) -> dict[str, Any]:
         """The metrics recorded with the save."""
-        body: dict[str, Any] = msgpack.unpackb(
-            self.body, raw=False, strict_map_key=False
-        )
-        return dict(body.get("metrics", {}))
+        return dict(_body(self.body).get("metrics", {}))
 
 
 @dataclass
