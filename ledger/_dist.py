@@ -3,18 +3,18 @@
 Collective calls share one small int64 tensor: rank 0 does the work, then
 broadcasts the sequence number it committed (or -1 on failure); the broadcast
 is the barrier that keeps every other rank from returning before the commit.
-No Python object is pickled across ranks.
+No Python object is pickled across ranks. torch is looked up, never imported,
+to tell whether a process group is up: a reader of the ledger that never
+imported torch cannot be in one, and is spared its second-long import.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TypeVar
-
-import torch
-import torch.distributed as dist
 
 from ledger._errors import DistributedSaveError
 
@@ -28,12 +28,17 @@ _alone: ContextVar[bool] = ContextVar("ledger_rank_alone", default=False)
 
 def is_distributed() -> bool:
     """True when a torch.distributed process group is up."""
-    return dist.is_available() and dist.is_initialized()
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
     """This process's global rank (0 when not distributed)."""
-    return dist.get_rank() if is_distributed() else 0
+    if not is_distributed():
+        return 0
+    import torch.distributed as dist
+
+    return dist.get_rank()
 
 
 def is_writer() -> bool:
@@ -65,6 +70,9 @@ def agree_on_seq(work: Callable[[], int | None], what: str) -> int | None:
     """
     if not is_distributed() or _alone.get():
         return work()
+    import torch
+    import torch.distributed as dist
+
     device = (
         torch.device("cuda", torch.cuda.current_device())
         if dist.get_backend() == "nccl"

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from cas import CorruptBlobError, MissingBlobError
-from ledger._codec import TensorRef, decode_manifest
 from ledger._errors import ManifestError
 from ledger._schema import LedgerReadError, explain
 
 if TYPE_CHECKING:
+    from ledger._codec import TensorRef
     from ledger._store import Store
 
 log = logging.getLogger(__name__)
@@ -270,6 +270,10 @@ class _BlobCheck:
         """The tensor refs of a manifest, or why it cannot be read."""
         if not isinstance(digest, str):
             return [], f"is not a manifest digest ({digest!r})"
+        # Imported here, not above: the codec imports torch (about a second),
+        # which readers of the ledger that import this module never need.
+        from ledger._codec import decode_manifest
+
         if digest not in self.seen:
             reason = None
             try:

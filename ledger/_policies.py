@@ -9,14 +9,16 @@ int or float, a numpy scalar, or a one-element tensor; anything else is refused.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from ledger._errors import ContractViolationError, MetricError, PolicyError
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
 
 # Epochs and counts are stored as SQLite integers: signed, 64 bits.
 _INT64 = 2**63
@@ -229,28 +231,32 @@ def metric_number(name: str, value: Any) -> float | int:
         raise MetricError(
             name, f"metric {name!r} is an int beyond 64 bits: pass it as a float"
         )
-    if isinstance(value, (np.integer, np.floating)):
+    # A numpy or torch value exists only once its module is imported: looking
+    # the modules up, rather than importing them, spares readers of the ledger
+    # torch's second-long import.
+    np = sys.modules.get("numpy")
+    torch = sys.modules.get("torch")
+    if np is not None and isinstance(value, (np.integer, np.floating)):
         return value.item()
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        count = value.numel() if isinstance(value, torch.Tensor) else value.size
-        is_complex = (
-            value.is_complex()
-            if isinstance(value, torch.Tensor)
-            else np.iscomplexobj(value)
-        )
-        is_bool = value.dtype in (torch.bool, np.bool_)
-        if count == 1 and not is_complex and not is_bool:
-            item = value.reshape(-1)[0].item()
-            return item
+    if torch is not None and isinstance(value, torch.Tensor):
+        count, is_complex = value.numel(), value.is_complex()
+        is_bool = value.dtype == torch.bool
+    elif np is not None and isinstance(value, np.ndarray):
+        count, is_complex = value.size, np.iscomplexobj(value)
+        is_bool = value.dtype == np.bool_
+    else:
         raise MetricError(
             name,
-            f"metric {name!r} must be a single number, got a "
-            f"{kind.__name__} of {count} element(s) with dtype {value.dtype}",
+            f"metric {name!r} must be a number (int, float, numpy scalar or 0-dim "
+            f"tensor), got {kind.__name__} {value!r:.40}",
         )
+    if count == 1 and not is_complex and not is_bool:
+        item = value.reshape(-1)[0].item()
+        return item
     raise MetricError(
         name,
-        f"metric {name!r} must be a number (int, float, numpy scalar or 0-dim "
-        f"tensor), got {kind.__name__} {value!r:.40}",
+        f"metric {name!r} must be a single number, got a "
+        f"{kind.__name__} of {count} element(s) with dtype {value.dtype}",
     )
 
 
@@ -284,6 +290,8 @@ def rankme(embeddings: torch.Tensor | np.ndarray, eps: float = 1e-7) -> float:
     """
     if not _is_real(eps) or not 0 < eps < math.inf:
         raise ValueError(f"rankme eps must be a finite number > 0, got {eps!r}")
+    import torch  # here, not above: torch takes about a second to import
+
     z = torch.as_tensor(embeddings).detach().to(torch.float64)
     if z.ndim != 2 or z.numel() == 0:
         raise ValueError(

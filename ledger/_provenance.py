@@ -17,12 +17,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 
 def provenance(seed: int | None = None) -> dict[str, Any]:
     """Versions, host, pid, command line, code revision and seed, as plain data."""
+    # Imported here, not above: torch takes about a second to import, and
+    # only writers (opening or resuming a run) record provenance.
+    import numpy as np
+    import torch
+
     record: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -31,10 +31,10 @@ from ledger._errors import (
     PolicyError,
     UnknownReferenceError,
 )
-from ledger._events import Event, event_from_row
+from ledger._events import Event
 from ledger._policies import BestPolicy, RunOptions, check_metrics
 from ledger._provenance import provenance
-from ledger._replay import RunState, SaveInfo, fold
+from ledger._replay import REPLAY_COLUMNS, RunState, SaveInfo, fold, replay
 from ledger._runlock import claim
 
 if TYPE_CHECKING:
@@ -107,12 +107,13 @@ class Run:
 
     def refresh(self) -> RunState:
         """Fold events appended since the last look into the cached state."""
-        rows = self.store.db.rows(
-            "SELECT * FROM events WHERE run = ? AND seq > ? ORDER BY seq",
+        rows = self.store.db.tuples(
+            f"SELECT {REPLAY_COLUMNS} FROM events WHERE run = ? AND seq > ? "
+            "ORDER BY seq",
             [self.name, self._state.seq],
         )
         if rows:
-            self._state = fold((event_from_row(r) for r in rows), self._state)
+            self._state = replay(rows, self._state, run=self.name)
         return self._state
 
     def state(self, at: int | str | None = None) -> RunState:
@@ -136,11 +137,12 @@ class Run:
                 [self.name, _normalise_time(at)],
             ).fetchone()
             last = row[0] or 0
-        rows = self.store.db.rows(
-            "SELECT * FROM events WHERE run = ? AND seq <= ? ORDER BY seq",
+        rows = self.store.db.tuples(
+            f"SELECT {REPLAY_COLUMNS} FROM events WHERE run = ? AND seq <= ? "
+            "ORDER BY seq",
             [self.name, last],
         )
-        return fold((event_from_row(r) for r in rows), run=self.name)
+        return replay(rows, run=self.name)
 
     def _claim_writer(self) -> None:
         # A read-only store refuses the write itself, with its own message.

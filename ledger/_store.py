@@ -33,10 +33,12 @@ from ledger._errors import (
     UnknownReferenceError,
 )
 from ledger._events import (
+    COLUMNS,
     GENESIS_HASH,
     Event,
     chain_hash,
     event_from_row,
+    events_from_tuples,
     hashed_fields,
 )
 from ledger._policies import Contract, RunOptions
@@ -340,10 +342,10 @@ class Store:
         if kind is not None:
             where.append("kind = ?")
             params.append(kind)
-        sql = "SELECT * FROM events"
+        sql = f"SELECT {', '.join(COLUMNS)} FROM events"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [event_from_row(r) for r in self.db.rows(sql + " ORDER BY seq", params)]
+        return events_from_tuples(self.db.tuples(sql + " ORDER BY seq", params))
 
     def runs(self) -> list[str]:
         """Run ids in the order they were opened."""
@@ -355,10 +357,7 @@ class Store:
         from ledger._run import Run
 
         if name not in self.runs():
-            known = ", ".join(self.runs()) or "none"
-            raise UnknownReferenceError(
-                f"no run {name!r} in {self.path} (runs: {known})"
-            )
+            raise unknown_run(self, name)
         run = Run(self, name, {}, "")
         state = run.refresh()
         run.config = self._current_config(name)
@@ -418,6 +417,12 @@ class Store:
         from ledger._audit import audit
 
         return audit(self, run=run, head=head, progress=progress)
+
+
+def unknown_run(store: Store, name: str) -> UnknownReferenceError:
+    """The error for a run the store does not hold, naming those it does."""
+    known = ", ".join(store.runs()) or "none"
+    return UnknownReferenceError(f"no run {name!r} in {store.path} (runs: {known})")
 
 
 def _not_a_ledger(db_path: Path) -> str | None:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+import ledger.cli
 from ledger import BestPolicy, RunOptions, Store
 
 
@@ -323,3 +324,29 @@ def test_runs_shows_a_deliberate_fresh_start_as_such(
     assert result.code == 0
     assert "fresh start" in result.out
     assert "None" not in result.out
+
+
+def test_a_long_log_is_drawn_as_the_same_table_without_rich(
+    ckpt: Callable[..., Any], filled_store: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Store(filled_store) as store:
+        wide = store.run("wide")
+        wide.save({"w": torch.ones(1)}, step=3, metrics={"損失": 0.5, "é": 1.0})
+    monkeypatch.setenv("COLUMNS", "200")  # so that rich wraps nothing either
+    by_rich = [ckpt("log", run).out for run in ("pre", "wide")]
+
+    monkeypatch.setattr(ledger.cli, "_RICH_ROWS", 0)
+    plain = [ckpt("log", run).out for run in ("pre", "wide")]
+
+    assert plain == by_rich
+    assert "損失=0.5" in plain[1]
+
+
+def test_log_json_is_one_event_a_line(
+    ckpt: Callable[..., Any], filled_store: Path
+) -> None:
+    result = ckpt("log", "pre", "--json")
+
+    lines = result.out.splitlines()
+    assert len(lines) == 7 + 2
+    assert json.loads(lines[1].rstrip(","))["kind"] == "open"

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import ledger
 from ledger import BestPolicy, RunOptions, RunState, Store
+from ledger._events import Event
 from ledger._replay import fold
 
 _FINAL_EPOCH = 3
@@ -189,3 +190,108 @@ def test_fold_leaves_the_state_it_starts_from_untouched(tmp_path: Path) -> None:
     assert _plain(start) == kept
     assert later.last is not None and start.last is None
     store.close()
+
+
+_EVENT = st.tuples(
+    st.sampled_from(["open", "save", "save", "promote", "final", "resume", "expire"]),
+    st.sampled_from(["r", "r", "other"]),
+    st.one_of(st.none(), st.integers(0, 40)),
+    st.one_of(st.none(), st.integers(-1, 12)),
+    st.one_of(st.none(), st.floats(allow_nan=True), st.just(-0.0)),
+    st.dictionaries(st.sampled_from(["m", "loss", "é"]), st.floats(), max_size=2),
+)
+
+
+def _model(events: list[Event]) -> dict[str, Any]:
+    """The state as the obvious fold of Event objects, one by one."""
+    m: dict[str, Any] = {"saves": {}, "live": set(), "targets": set(), "resumes": 0}
+    m.update(dict.fromkeys(["seq", "opened", "config_hash", "last", "best"]))
+    m.update(dict.fromkeys(["best_value", "final", "resumed_from"]), options={})
+    for ev in events:
+        m["seq"] = ev.seq
+        if ev.kind == "open":
+            m["opened"], m["config_hash"] = ev.seq, ev.body.get("config_hash")
+            m["options"] = ev.body.get("options", {})
+        elif ev.kind == "save":
+            m["saves"][ev.seq] = (ev.epoch, ev.step, ev.manifest or "", ev.metrics)
+            m["live"].add(ev.seq)
+            m["last"] = ev.seq
+        elif ev.kind == "promote":
+            m["best"], m["best_value"] = ev.target, ev.value
+        elif ev.kind == "final":
+            m["final"] = ev.target
+        elif ev.kind == "resume":
+            m["resumed_from"] = ev.target
+            m["resumes"] += 1
+            if ev.target is not None:
+                m["targets"].add(ev.target)
+            m["config_hash"] = ev.body.get("config_hash") or m["config_hash"]
+        elif ev.target is not None:
+            m["live"].discard(ev.target)
+    m["events"] = len(events)
+    m["live"], m["targets"] = sorted(m["live"]), sorted(m["targets"])
+    return m
+
+
+def _as_model(state: RunState) -> dict[str, Any]:
+    return {
+        "saves": {
+            seq: (s.epoch, s.step, s.manifest, s.metrics)
+            for seq, s in state.saves.items()
+        },
+        "live": sorted(state.live),
+        "targets": sorted(state.resume_targets),
+        "resumes": state.resumes,
+        "seq": state.seq or None,
+        "opened": state.opened,
+        "config_hash": state.config_hash,
+        "last": state.last,
+        "best": state.best,
+        "best_value": state.best_value,
+        "final": state.final,
+        "resumed_from": state.resumed_from,
+        "options": state.options,
+        "events": state.events,
+    }
+
+
+@settings(
+    max_examples=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(events=st.lists(_EVENT, min_size=8, max_size=30))
+def test_replay_of_rows_equals_folding_event_objects_one_by_one(
+    tmp_path_factory: pytest.TempPathFactory,
+    events: list[tuple[Any, ...]],
+) -> None:
+    with Store(tmp_path_factory.mktemp("store")) as store:
+        run = store.run("r")
+        cached = store.get_run("r")
+        for kind, name, target_pick, epoch, value, metrics in events:
+            seqs = [ev.seq for ev in store.events()]
+            target = None if target_pick is None else seqs[target_pick % len(seqs)]
+            body: dict[str, Any] = {"metrics": metrics}
+            if kind in ("open", "resume"):
+                body = {"config_hash": f"h{epoch}" if epoch else None}
+                body["options"] = {"keep_last": epoch}
+            with store.db.write():
+                store._append(
+                    name,
+                    kind,
+                    epoch=epoch,
+                    step=None if epoch is None else epoch * 10,
+                    manifest=f"{len(seqs):064x}" if kind == "save" else None,
+                    metric="m" if value is not None else None,
+                    value=value,
+                    target=target,
+                    body=body,
+                )
+            cached.refresh()
+
+        history = store.events("r")
+        for i, ev in enumerate(history):
+            expected = _model(history[: i + 1])
+            assert repr(_as_model(run.state(at=ev.seq))) == repr(expected)
+            assert repr(_as_model(fold(history[: i + 1]))) == repr(expected)
+        assert repr(_as_model(cached.state())) == repr(_model(history))
