@@ -1,9 +1,10 @@
 """The `ckpt` console script: imports the CLI inside its own Ctrl-C guard.
 
-Importing anything from `ledger` imports torch first, which takes seconds; a
-Ctrl-C then would end in a KeyboardInterrupt traceback before `ledger.cli.main`
-could catch it. So the script starts here, outside both packages, in a module
-that imports nothing heavy. The cost is one more top-level module installed.
+Importing the CLI still takes a moment (and a command that saves or loads
+imports torch, which takes seconds); a Ctrl-C then would end in a
+KeyboardInterrupt traceback before `ledger.cli.main` could catch it. So the
+script starts here, outside both packages, in a module that imports nothing
+heavy. The cost is one more top-level module installed.
 """
 
 from __future__ import annotations

@@ -182,8 +182,10 @@ class Run:
         get None.
 
         Args:
-            checkpoint: nested dicts/lists/tuples of tensors, arrays and plain
-                values (see `ledger.encode` for the full list).
+            checkpoint: nested dicts (str or int keys), OrderedDicts, lists
+                and tuples of torch tensors (any dtype), numpy numeric
+                arrays and scalars, str, int (int64), float, bool, None and
+                bytes.
             epoch: completed epochs, counted from 1.
             step: the global step, for runs that save by step.
             metrics: name to number (int, float, numpy scalar, one-element tensor).
