@@ -18,11 +18,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from cas import CorruptBlobError, MissingBlobError, hash_bytes
-from ledger._blobio import BlobReader, write_blobs
-from ledger._codec import Encoded, build, decode_manifest, encode
 from ledger._dist import agree_on_seq
 from ledger._errors import (
     LedgerStateError,
@@ -38,6 +35,9 @@ from ledger._replay import REPLAY_COLUMNS, RunState, SaveInfo, fold, replay
 from ledger._runlock import claim
 
 if TYPE_CHECKING:
+    import torch
+
+    from ledger._codec import Encoded
     from ledger._store import Store
 
 log = logging.getLogger(__name__)
@@ -224,6 +224,9 @@ class Run:
                     MetricWarning,
                     stacklevel=4,
                 )
+            # The codec brings torch: imported by saving, not by reading runs.
+            from ledger._codec import encode
+
             encoded = encode(checkpoint)
             saved = self._commit_save(
                 encoded, at_epoch, at_step, clean, watched, options
@@ -260,6 +263,8 @@ class Run:
                 *encoded.blobs.items(),
                 (manifest_digest, encoded.manifest),
             ]
+            from ledger._blobio import write_blobs
+
             written = write_blobs(store.blobs, items)
             store.blobs.sync_dirs(refs)
             store._step("blobs_written", manifest_digest)
@@ -484,6 +489,9 @@ class Run:
             )
         blobs = self.store.blobs
         manifest = blobs.get(info.manifest)
+        from ledger._blobio import BlobReader  # torch, as for saving
+        from ledger._codec import build, decode_manifest
+
         root, refs = decode_manifest(bytes(manifest))
         for ref in refs:
             size = blobs.size_of(ref.digest)

@@ -48,6 +48,8 @@ def test_importing_the_cli_does_not_import_torch() -> None:
         ["log", "ft", "--kind", "save"],
         ["head"],
         ["du"],
+        ["show", "pre"],
+        ["runs"],
     ],
 )
 def test_reading_commands_run_without_importing_torch(
