@@ -65,6 +65,10 @@ def read_checkpoint_file(
     """
     source = Path(path)
     suffix = check_suffix(source, "import")
+    if source.is_dir():
+        raise CheckpointFileError(
+            f"cannot import {source}: it is a directory; name a checkpoint file"
+        )
     if not source.is_file():
         raise CheckpointFileError(f"cannot import {source}: no such file")
     before = _fingerprint(source)
@@ -280,7 +284,8 @@ def check_export_target(path: str | os.PathLike[str]) -> str:
     """The suffix of a file to export to, once it is known to be writable there.
 
     Raises:
-        CheckpointFileError: an unknown suffix, or a directory that does not exist.
+        CheckpointFileError: an unknown suffix, a directory that does not
+            exist, or a directory where the file would go.
     """
     target = Path(path)
     suffix = check_suffix(target, "export to")
@@ -288,6 +293,10 @@ def check_export_target(path: str | os.PathLike[str]) -> str:
         raise CheckpointFileError(
             f"cannot export to {target}: directory {target.parent} does not exist; "
             "create it first"
+        )
+    if target.is_dir():
+        raise CheckpointFileError(
+            f"cannot export to {target}: it is a directory; name a file to write"
         )
     return suffix
 

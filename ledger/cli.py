@@ -350,7 +350,7 @@ def verify(
 
     Exit status: 0 sound, 1 problems found, 2 no store, unknown run or bad usage.
     """
-    pinned = Head.parse(head_file.read_text()) if head_file is not None else None
+    pinned = _read_head(head_file) if head_file is not None else None
     with _open_store(ctx) as store:
         if run is not None:
             store.get_run(run)
@@ -363,6 +363,18 @@ def verify(
         print(problem)
     _say(f"verify: {len(problems)} problems in {scope}")
     raise typer.Exit(1)
+
+
+def _read_head(path: Path) -> Head:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise typer.BadParameter(
+            f"cannot read {path}: {exc.strerror or exc}; give the file "
+            "`ckpt head > FILE` wrote",
+            param_hint="'--head'",
+        ) from exc
+    return Head.parse(text)
 
 
 def _verify_with_progress(
