@@ -579,12 +579,19 @@ def _parse_metrics(items: Sequence[str]) -> dict[str, float]:
         try:
             if not sep or not name:
                 raise ValueError(item)
-            metrics[name] = float(value)
+            number = float(value)
         except ValueError:
             raise typer.BadParameter(
                 f"{item!r} is not NAME=NUMBER (e.g. val_loss=0.31)",
                 param_hint="'--metric'",
             ) from None
+        if name in metrics:
+            raise typer.BadParameter(
+                f"{name!r} is given twice ({metrics[name]:g} and {number:g}); "
+                "give each metric once",
+                param_hint="'--metric'",
+            )
+        metrics[name] = number
     return metrics
 
 

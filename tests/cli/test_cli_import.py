@@ -345,3 +345,19 @@ def test_import_of_a_numpy_object_array_still_needs_trust_pickle(
     assert is_one_line_error(result.err)
     assert "ObjectDType" in result.err and "--trust-pickle" in result.err
     assert _snapshot(existing_store) == before
+
+
+def test_import_with_a_metric_given_twice_is_refused_before_the_store_is_touched(
+    ckpt: Callable[..., Any], store_path: Path, tmp_path: Path
+) -> None:
+    theirs = tmp_path / "m.pt"
+    torch.save({"w": torch.ones(2)}, theirs)
+
+    result = ckpt(
+        "import", str(theirs), "--run", "ft", "--epoch", "1",
+        "--metric", "acc=0.9", "--metric", "acc=0.8",
+    )  # fmt: skip
+
+    assert result.code == 2
+    assert "'acc' is given twice (0.9 and 0.8)" in result.err
+    assert not store_path.exists()
