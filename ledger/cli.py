@@ -573,7 +573,7 @@ def import_file(
 
 
 def _parse_metrics(items: Sequence[str]) -> dict[str, float]:
-    metrics = {}
+    metrics: dict[str, float] = {}
     for item in items:
         name, sep, value = item.partition("=")
         try:
