@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -110,9 +111,12 @@ def encode(obj: Any) -> Encoded:
             # A refused value stops the walk: hash nothing more.
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+    # In walk order, so that a save writes its blobs in the same order each time.
     blobs: dict[str, memoryview] = {}
     for ref in encoder.refs:
-        blobs.setdefault(ref.digest(), ref.data)
+        digest = ref.digest()
+        if digest not in blobs:
+            blobs[digest] = encoder.kept[digest]
     return Encoded(manifest=manifest, blobs=blobs)
 
 
@@ -126,31 +130,23 @@ def _hash_threads() -> int:
 
 
 class _PendingRef:
-    """A tensor or array reference whose digest a pool thread is computing.
+    """A tensor or array reference in the structure, packed by msgpack (`_pack`'s
+    `default`) once its digest is known: at once, or when a pool thread has
+    hashed the bytes."""
 
-    It stands in the structure until msgpack packs it (`_pack`'s `default`),
-    which waits for the digest; the buffer stays alive through `data`.
-    """
-
-    __slots__ = ("code", "head", "data", "tail", "_digest")
+    __slots__ = ("code", "head", "tail", "found")
 
     def __init__(
-        self, code: int, head: list[Any], data: memoryview, tail: list[Any], pool: Any
+        self, code: int, kind: str, tail: list[Any], found: str | Future[str]
     ) -> None:
         self.code = code
-        self.head = head  # ["torch"] or ["numpy"]; the digest follows
-        self.data = data
+        self.head = [kind]  # "torch" or "numpy"; the digest follows
         self.tail = tail  # dtype, shape, nbytes, tie
-        self._digest: str | Future[str]
-        if data.nbytes >= _POOLED_MIN:
-            self._digest = submit(pool, partial(hash_bytes, threaded=False), data)
-        else:
-            self._digest = hash_bytes(data)
+        self.found = found
 
     def digest(self) -> str:
-        if isinstance(self._digest, Future):
-            self._digest = self._digest.result()
-        return self._digest
+        found = self.found
+        return found.result() if isinstance(found, Future) else found
 
     def packed(self) -> msgpack.ExtType:
         return msgpack.ExtType(
@@ -161,9 +157,13 @@ class _PendingRef:
 class _Encoder:
     def __init__(self, pool: ThreadPoolExecutor) -> None:
         self.pool = pool
-        self.refs: list[_PendingRef] = []
+        self.refs: list[_PendingRef] = []  # one per distinct buffer, in walk order
         self.ties: dict[tuple[Any, ...], int] = {}
-        self.tie_refs: dict[int, list[Any]] = {}
+        self.tied: dict[int, _PendingRef] = {}
+        # The first buffer hashed to each digest; a later one with the same
+        # bytes (a copy, say) is dropped as soon as its hash is known.
+        self.kept: dict[str, memoryview] = {}
+        self.lock = threading.Lock()
 
     def walk(self, root: Any) -> Any:
         # A task stack rather than recursion, so the caller's stack depth does
@@ -255,17 +255,43 @@ class _Encoder:
         if tie is None:
             tie = len(self.ties)
             self.ties[tie_key] = tie
-        flat = t.detach().resolve_conj().resolve_neg().cpu().contiguous()
-        data = _byte_view(flat)
+        elif tie in self.tied:
+            return self.tied[tie]  # the same tensor again: no second copy or hash
+        source = t.detach().resolve_conj().resolve_neg()
+        if source.element_size() == 1:
+            # Same bytes; and sub-byte dtypes (uint1...) have no copy kernel.
+            source = source.view(torch.uint8)
+        data = _byte_view(source.cpu().contiguous())
         tail = [str(t.dtype), list(t.shape), data.nbytes, tie]
-        return self.pending(_EXT_TENSOR, "torch", data, tail)
+        ref = self.pending(_EXT_TENSOR, "torch", data, tail)
+        self.tied[tie] = ref
+        return ref
 
     def pending(
         self, code: int, kind: str, data: memoryview, tail: list[Any]
     ) -> _PendingRef:
-        ref = _PendingRef(code, [kind], data, tail, self.pool)
+        if data.nbytes < _POOLED_MIN:
+            digest = hash_bytes(data)
+            self.keep(digest, data)
+            ref = _PendingRef(code, kind, tail, digest)
+        else:
+            future = submit(self.pool, partial(hash_bytes, threaded=False), data)
+            ref = _PendingRef(code, kind, tail, future)
+            future.add_done_callback(partial(self.hashed, ref, data))
         self.refs.append(ref)
         return ref
+
+    def hashed(self, ref: _PendingRef, data: memoryview, future: Future[str]) -> None:
+        # On the hashing thread. A failure is raised where the manifest is
+        # packed; a cancelled hash belongs to a walk that was stopped.
+        if future.cancelled() or future.exception() is not None:
+            return
+        ref.found = future.result()  # and the future, with `data`, can go
+        self.keep(ref.found, data)
+
+    def keep(self, digest: str, data: memoryview) -> None:
+        with self.lock:
+            self.kept.setdefault(digest, data)
 
     def ndarray(self, arr: np.ndarray, path: str) -> msgpack.ExtType:
         if arr.dtype.kind not in _NUMPY_KINDS or arr.dtype.fields is not None:
@@ -330,6 +356,8 @@ def _tie_key(t: torch.Tensor) -> tuple[Any, ...]:
         tuple(t.shape),
         t.stride(),
         t.dtype,
+        t.is_conj(),  # a conjugate or negative view reads other values
+        t.is_neg(),
     )
 
 
@@ -337,8 +365,9 @@ def _byte_view(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.numel() == 1 and flat.stride(0) != 1:
         # One element counts as contiguous whatever its stride, but a byte
-        # view needs stride 1.
-        flat = flat.clone(memory_format=torch.contiguous_format)
+        # view needs stride 1; the same element seen with stride 1 is one (and
+        # needs no copy kernel, which sub-byte dtypes lack).
+        flat = flat.as_strided((1,), (1,))
     if flat.dtype != torch.uint8:
         flat = flat.view(torch.uint8)
     return memoryview(flat.numpy())  # type: ignore[arg-type]

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
+import ledger._codec as codec
 from cas import hash_bytes
 from ledger import Store
 from ledger._blobio import tensor_buffer
@@ -78,3 +80,48 @@ atexit.register(lambda: run.save(weights, epoch=1))
         assert store.verify() == []
     assert torch.equal(loaded["w"], torch.ones(1 << 20))
     assert torch.equal(loaded["b"], torch.zeros(1 << 19))
+
+
+def test_a_tensor_repeated_in_a_checkpoint_is_copied_and_hashed_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls = []
+
+    def counting_hash(data: memoryview, *, threaded: bool = True) -> str:
+        calls.append(data.nbytes)
+        return hash_bytes(data, threaded=threaded)
+
+    monkeypatch.setattr(codec, "hash_bytes", counting_hash)
+    transposed = torch.randn(512, 512).t()  # 1 MiB, needs a contiguous copy
+
+    encoded = encode({"w": [transposed] * 16, "head": transposed})
+
+    assert calls == [transposed.nbytes]
+    assert list(encoded.blobs) == [hash_bytes(transposed.contiguous().numpy())]
+
+
+def test_a_conjugate_view_is_not_taken_for_the_tensor_it_views(
+    tmp_path: Path,
+) -> None:
+    c = torch.randn(300_000, dtype=torch.complex64)  # pooled: 2.4 MB
+
+    with Store(tmp_path / "store") as store:
+        run = store.run("r")
+        loaded = run.load(run.save({"c": c, "conj": c.conj()}).seq)
+
+    assert torch.equal(loaded["c"], c)
+    assert torch.equal(loaded["conj"], c.conj().resolve_conj())
+
+
+def test_sub_byte_dtypes_save_strided_and_non_contiguous(tmp_path: Path) -> None:
+    raw = torch.arange(6, dtype=torch.uint8)
+    bits = raw.view(torch.uint1)  # a placeholder dtype: torch cannot copy it
+    checkpoint = {"one": bits[::2][:1], "transposed": bits.reshape(3, 2).t()}
+
+    with Store(tmp_path / "store") as store:
+        run = store.run("r")
+        loaded = run.load(run.save(checkpoint).seq)
+
+    assert loaded["one"].dtype == torch.uint1
+    assert loaded["one"].view(torch.uint8).tolist() == [0]
+    assert loaded["transposed"].view(torch.uint8).tolist() == [[0, 2, 4], [1, 3, 5]]
