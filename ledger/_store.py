@@ -81,6 +81,10 @@ def default_store_path() -> Path:
 class Store:
     """A checkpoint store: the ledger and the blobs of any number of runs.
 
+    A Store object belongs to the thread that opened it (its SQLite connection
+    does); threads that save at once each open their own Store of the same
+    directory.
+
     Args:
         path: the store directory; default `$CKPT_STORE`, else `./.ckpt`.
         lease_ttl: seconds a save's lease on its blobs protects them from gc; a
